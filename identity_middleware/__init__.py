@@ -1,0 +1,34 @@
+"""identity_middleware: static requests skip identity loading; users come from a safe cache.
+
+Public API::
+
+    from identity_middleware import IdentityMiddleware, UserCache
+
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=["/favicon.ico"])
+    user_cache = UserCache(app)
+
+``RedisVersionStore`` needs the ``redis`` extra and is imported on first use, so
+apps without Redis never import redis-py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError
+from .versions import LocalVersionStore, VersionStore
+
+__all__ = [
+    "ConfigError",
+    "LocalVersionStore",
+    "VersionStore",
+    "RedisVersionStore",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisVersionStore":
+        from .redis_versions import RedisVersionStore
+
+        return RedisVersionStore
+    raise AttributeError(f"module 'identity_middleware' has no attribute {name!r}")
