@@ -1,0 +1,1 @@
+"""Runnable examples: ``examples.app`` is the scenario app, ``examples.demo`` the demo."""

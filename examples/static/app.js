@@ -1,0 +1,2 @@
+// identity_middleware example script
+document.documentElement.dataset.ready = 'yes';
