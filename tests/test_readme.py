@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fenced_commands(text: str) -> list[str]:
-    return [block.strip() for block in re.findall(r"```\n(.*?)```", text, flags=re.S)]
+    return [block.strip() for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
