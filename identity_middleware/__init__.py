@@ -16,9 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ConfigError
+from .middleware import IdentityMiddleware, is_static_request
 from .versions import LocalVersionStore, VersionStore
 
 __all__ = [
+    "IdentityMiddleware",
+    "is_static_request",
     "ConfigError",
     "LocalVersionStore",
     "VersionStore",

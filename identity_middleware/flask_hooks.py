@@ -1,0 +1,259 @@
+"""Flask-side hooks: a request the middleware marked as static skips identity.
+
+Flask-Login loads the user lazily, the first time ``current_user`` is
+touched; Flask-Principal loads an identity in a ``before_request`` function
+and sends ``identity_loaded`` (whose usual handler touches ``current_user``);
+Flask adds ``Vary: Cookie`` to every response whose session was read and
+``Set-Cookie`` to every response whose session was written. For a static file
+all of that is waste: two SQL queries and an uncacheable response.
+
+Neither extension offers a public hook to opt a request out, so we use the
+seams their code has, and check at startup that those seams are still there
+(:func:`verify_internals`) -- with another version of Flask-Login,
+Flask-Principal or Flask we refuse to start rather than silently doing
+nothing. The seams (Flask-Login 0.6.3, Flask-Principal 0.4.0, Flask 3.x):
+
+* Flask-Login's ``_get_user`` calls the loaders only when ``g`` has no
+  ``_login_user``. Our ``before_request`` function, kept first in the app's
+  list, sets it to the anonymous user on a marked request: no user loader,
+  request loader, header loader or remember-cookie loader runs.
+* Flask-Principal's ``_on_before_request`` and ``_on_identity_changed`` return
+  early when ``self._is_static_route()`` is true. Each Principal instance of
+  the app gets an instance attribute that is also true for marked requests
+  (its ``skip_static`` keeps its own meaning): no identity loader, no
+  ``identity_loaded``, no session saver. We set ``g.identity`` to an
+  ``AnonymousIdentity`` ourselves, so ``Permission.require()`` still works.
+* Flask saves a session unless it is an instance of the session interface's
+  ``null_session_class``. A marked request gets an in-memory session of a
+  subclass of that class which accepts writes: it holds the request's
+  session data minus Flask-Login's and Flask-Principal's identity keys, and
+  is never saved -- no ``Set-Cookie``, no ``Vary: Cookie``, and no error when
+  something writes to it.
+
+Unmarked requests are untouched: our function returns at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from typing import TYPE_CHECKING, Any, Callable
+
+import flask.globals as _flask_globals
+import flask_login.config
+from flask import g, has_request_context, request
+from flask_principal import AnonymousIdentity
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+__all__ = ["MARK", "install", "principals_of", "verify_internals"]
+
+#: The environ key the middleware sets on static requests.
+MARK = "identity_middleware.static"
+
+#: Session keys that carry identity; a static request's session copy drops them, so
+#: nothing (Flask-Login's remember-cookie refresh, for one) acts on the user's behalf.
+_IDENTITY_SESSION_KEYS = frozenset(
+    getattr(flask_login.config, "SESSION_KEYS", ("_user_id", "_remember", "_remember_seconds", "_id", "_fresh"))
+) | {"identity.id", "identity.auth_type"}
+
+_WRAPPED = "__identity_middleware_wrapped__"
+
+
+# -- startup checks -----------------------------------------------------------------
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - vendored copies
+        return "unknown version"
+
+
+def _names_in(function: Any) -> frozenset[str]:
+    """Attribute names and string constants a function's code refers to."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return frozenset()
+    return frozenset(code.co_names) | frozenset(c for c in code.co_consts if isinstance(c, str))
+
+
+def _fail(package: str, distribution: str, missing: list[str]) -> None:
+    if missing:
+        raise RuntimeError(
+            f"identity_middleware cannot skip identity loading for static requests with "
+            f"{package} {_version(distribution)}: "
+            + "; ".join(missing)
+            + ". It relies on these internals (checked at startup so it never silently "
+            "does nothing); use a supported version or report this."
+        )
+
+
+def verify_internals() -> None:
+    """Raise RuntimeError unless every internal the hooks rely on has the expected shape."""
+    import flask.globals
+    import flask.sessions
+    from flask.ctx import RequestContext
+
+    flask_missing = []
+    if not hasattr(flask.globals, "request_ctx"):
+        flask_missing.append("flask.globals.request_ctx is missing")
+    if _session_attribute(RequestContext) is None:
+        flask_missing.append("RequestContext keeps its session in neither '_session' nor 'session'")
+    null_class = getattr(flask.sessions.SessionInterface, "null_session_class", None)
+    if not (isinstance(null_class, type) and issubclass(null_class, dict)):
+        flask_missing.append("SessionInterface.null_session_class is not a dict subclass")
+    _fail("Flask", "flask", flask_missing)
+
+    login_missing = []
+    try:
+        import flask_login.utils
+        from flask_login import LoginManager
+    except ImportError:  # pragma: no cover - a hard dependency
+        login_missing.append("flask_login cannot be imported")
+    else:
+        if "_login_user" not in _names_in(getattr(flask_login.utils, "_get_user", None)):
+            login_missing.append("flask_login.utils._get_user does not read g._login_user")
+        if not callable(getattr(LoginManager, "_load_user", None)):
+            login_missing.append("LoginManager._load_user is missing")
+        if "_load_user" not in _names_in(getattr(flask_login.utils, "_get_user", None)):
+            login_missing.append("flask_login.utils._get_user does not call _load_user")
+    _fail("Flask-Login", "flask-login", login_missing)
+
+    principal_missing = []
+    try:
+        from flask_principal import Principal
+    except ImportError:  # pragma: no cover - a hard dependency
+        principal_missing.append("flask_principal cannot be imported")
+    else:
+        principal_missing.extend(_principal_class_problems(Principal))
+    _fail("Flask-Principal", "flask-principal", principal_missing)
+
+
+def _principal_class_problems(cls: type) -> list[str]:
+    problems = []
+    if not callable(getattr(cls, "_is_static_route", None)):
+        problems.append(f"{cls.__qualname__}._is_static_route is missing")
+    for name in ("_on_before_request", "_on_identity_changed"):
+        method = getattr(cls, name, None)
+        if not callable(method):
+            problems.append(f"{cls.__qualname__}.{name} is missing")
+        elif "_is_static_route" not in _names_in(method):
+            problems.append(f"{cls.__qualname__}.{name} no longer consults _is_static_route")
+    return problems
+
+
+@functools.lru_cache(maxsize=None)
+def _session_attribute(ctx_class: type) -> str | None:
+    """Where a request context stores its session: '_session' (Flask 3.1) or 'session' (3.0)."""
+    if isinstance(getattr(ctx_class, "session", None), property):
+        return "_session" if "_session" in _names_in(ctx_class.__init__) else None
+    if "session" in _names_in(ctx_class.__init__):
+        return "session"
+    return None
+
+
+# -- installation ---------------------------------------------------------------------
+
+
+def principals_of(app: Flask) -> list[Any]:
+    """The Flask-Principal instances initialised on ``app`` (found by their before_request)."""
+    from flask_principal import Principal
+
+    found: list[Any] = []
+    for functions in app.before_request_funcs.values():
+        for function in functions:
+            owner = getattr(function, "__self__", None)
+            if isinstance(owner, Principal) and owner not in found:
+                found.append(owner)
+    return found
+
+
+def install(app: Flask) -> None:
+    """Install the hooks on ``app``; idempotent, so it can run again after changes.
+
+    Called by the middleware on the first request, when every extension has
+    been initialised. Works on the lists directly, so it is allowed then.
+    """
+    verify_internals()
+    manager = getattr(app, "login_manager", None)
+    if manager is not None and not callable(getattr(manager, "anonymous_user", None)):
+        _fail("Flask-Login", "flask-login", ["LoginManager.anonymous_user is missing"])
+    _static_session_class(app.session_interface.null_session_class)
+    for principal in principals_of(app):
+        _fail("Flask-Principal", "flask-principal", _principal_class_problems(type(principal)))
+        _wrap_principal(principal)
+    functions = app.before_request_funcs.setdefault(None, [])
+    while skip_identity_for_static_requests in functions:
+        functions.remove(skip_identity_for_static_requests)
+    functions.insert(0, skip_identity_for_static_requests)
+
+
+def _wrap_principal(principal: Any) -> None:
+    current = principal.__dict__.get("_is_static_route")
+    if getattr(current, _WRAPPED, False):
+        return
+    original: Callable[[], bool] = principal._is_static_route
+
+    def _is_static_route() -> bool:
+        return (has_request_context() and bool(request.environ.get(MARK))) or original()
+
+    setattr(_is_static_route, _WRAPPED, True)
+    principal._is_static_route = _is_static_route
+
+
+# -- the request hook -----------------------------------------------------------------
+
+
+def skip_identity_for_static_requests() -> None:
+    """First ``before_request`` function: on a marked request, identity is anonymous."""
+    if not request.environ.get(MARK):
+        return None
+    ctx = _flask_globals.request_ctx._get_current_object()
+    app = ctx.app
+    _replace_session(ctx, app)
+    manager = getattr(app, "login_manager", None)
+    if manager is not None:
+        g._login_user = manager.anonymous_user()
+    g.identity = AnonymousIdentity()
+    return None
+
+
+_session_classes: dict[type, type] = {}
+
+
+def _static_session_class(null_class: type) -> type:
+    """A subclass of the app's null session class that accepts writes and is never saved."""
+    cls = _session_classes.get(null_class)
+    if cls is None:
+        if not issubclass(null_class, dict):
+            raise RuntimeError(
+                f"identity_middleware needs the session interface's null_session_class to be "
+                f"a dict subclass; {null_class.__qualname__} is not"
+            )
+        writable = {
+            name: getattr(dict, name)
+            for name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "update", "setdefault")
+        }
+        writable["__doc__"] = "Session of a static request: readable, writable, never saved."
+        cls = type(f"StaticRequest{null_class.__name__}", (null_class,), writable)
+        cls()  # fails here, at startup, if the class cannot be built without arguments
+        _session_classes[null_class] = cls
+    return cls
+
+
+def _replace_session(ctx: Any, app: Flask) -> None:
+    attribute = _session_attribute(type(ctx)) or "_session"
+    current = ctx.__dict__.get(attribute)
+    replacement = _static_session_class(app.session_interface.null_session_class)()
+    if current:
+        dict.update(
+            replacement,
+            (
+                (key, value)
+                for key, value in current.items()
+                if key not in _IDENTITY_SESSION_KEYS
+            ),
+        )
+    setattr(ctx, attribute, replacement)

@@ -1,0 +1,341 @@
+"""Request classification: is this request for a static file?
+
+A request is *static* -- and will skip identity loading -- only when Flask
+itself would answer it from a static endpoint, or when the owner listed its
+path. Getting this wrong in the generous direction breaks pages (a dynamic
+view suddenly sees an anonymous user), so every doubt resolves to "not
+static": a missed skip costs a little speed, a wrong skip costs correctness.
+
+How a request is decided, cheapest test first:
+
+1. Only ``GET`` and ``HEAD``.
+2. Fast reject: the raw ``PATH_INFO`` must start with one of a precomputed
+   tuple of prefixes (static mounts and listed prefixes) or be one of the
+   listed exact paths. A dynamic page is rejected here, in well under a
+   microsecond, however many routes the app has.
+3. Canonical form: no ``//``, no ``.``/``..`` segments, no backslash, no NUL,
+   valid UTF-8. ``PATH_INFO`` is already percent-decoded by the server and
+   werkzeug does not decode it a second time, so a literal ``%2e`` is just a
+   character and needs no special case.
+4. A listed path (exact, or a prefix ending in ``/``) is static on the
+   owner's word -- it may be a dynamic view such as ``/favicon.ico``.
+5. A path under a static mount is confirmed with the URL map itself: it is
+   static only if the map routes it to a ``static`` or ``<blueprint>.static``
+   endpoint. A dynamic ``/static/config.js`` rule that shadows the mount, or
+   pages next to ``static_url_path=''``, therefore stay dynamic. The answer
+   is cached per path in a bounded LRU.
+
+Host and subdomain matching: when the URL map is host-sensitive
+(``host_matching=True`` or ``subdomain_matching=True``) the confirmation is
+done with the adapter Flask builds for the very same environ
+(``app.create_url_adapter``), so the request's host decides exactly as it
+does in Flask; the cache key then includes the host fields of the environ.
+A host Flask refuses (``TRUSTED_HOSTS``) is never static.
+
+Matching is case-exact, like werkzeug's router.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+    from flask import Flask
+    from werkzeug.routing import Map, MapAdapter
+
+__all__ = ["Classifier", "Decision", "is_static_endpoint", "static_mounts"]
+
+#: How many distinct (path, method) confirmations are remembered.
+CONFIRM_CACHE_SIZE = 4096
+
+_METHODS = frozenset({"GET", "HEAD"})
+
+
+def is_static_endpoint(endpoint: str) -> bool:
+    """True for Flask's static endpoints: ``static`` and ``<blueprint>.static``."""
+    return endpoint == "static" or endpoint.endswith(".static")
+
+
+def static_mounts(app: Flask) -> dict[str, str]:
+    """URL prefix -> endpoint for every static rule in ``app.url_map``.
+
+    The prefix is the rule text before its first variable, e.g.
+    ``/widgets/static/`` for ``/widgets/static/<path:filename>``, or ``/`` for
+    an app with ``static_url_path=''``.
+    """
+    mounts: dict[str, str] = {}
+    for rule in app.url_map.iter_rules():
+        if is_static_endpoint(rule.endpoint):
+            mounts.setdefault(rule.rule.split("<", 1)[0], rule.endpoint)
+    return mounts
+
+
+def _to_wsgi(text: str) -> str:
+    """A text path in the form WSGI servers put in ``PATH_INFO`` (UTF-8 bytes as latin-1)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def _from_wsgi(path: str) -> str | None:
+    """``PATH_INFO`` as werkzeug routes it, or None when it is not valid UTF-8."""
+    try:
+        return path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def canonical_problem(path: str) -> str | None:
+    """Why ``path`` is not canonical, or None when it is."""
+    if not path.startswith("/"):
+        return "does not start with '/'"
+    if "//" in path:
+        return "contains '//'"
+    if "\\" in path:
+        return "contains a backslash"
+    if "\x00" in path:
+        return "contains a NUL byte"
+    if "/." in path:
+        segments = path.split("/")
+        if "." in segments:
+            return "contains a '.' segment"
+        if ".." in segments:
+            return "contains a '..' segment"
+    if _from_wsgi(path) is None:
+        return "is not valid UTF-8"
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why a request is or is not static; what ``flask identity check`` prints."""
+
+    path: str
+    method: str
+    marked: bool
+    reason: str
+    mount: str | None = None  # the static mount prefix the path lies under
+    listed: str | None = None  # the listed exact path or prefix that matched
+    endpoint: str | None = None  # the endpoint the URL map routes the path to
+    rule: str | None = None  # that rule's text (the shadowing rule when not static)
+
+
+class Classifier:
+    """Decides, per request, whether it is static.
+
+    Built from a Flask app (its URL map's static mounts) and/or the owner's
+    listed paths. Build a new one when routes change; instances are
+    immutable apart from the confirmation cache and safe to share between
+    threads.
+
+    :param app: the Flask app whose URL map defines the static mounts, or
+        None to use the listed paths only.
+    :param listed: exact paths and prefixes ending in ``/`` that are static
+        on the owner's word.
+    """
+
+    __slots__ = (
+        "app",
+        "listed",
+        "mounts",
+        "_exact",
+        "_listed_prefixes",
+        "_mount_prefixes",
+        "_prefixes",
+        "_host_sensitive",
+        "_adapter",
+        "_confirm",
+        "_confirm_host",
+        "_marked",
+    )
+
+    def __init__(self, app: Flask | None = None, listed: Iterable[str] = ()) -> None:
+        self.app = app
+        self.listed = tuple(dict.fromkeys(listed))
+        self.mounts: Mapping[str, str] = static_mounts(app) if app is not None else {}
+        self._exact = frozenset(_to_wsgi(p) for p in self.listed if not p.endswith("/"))
+        self._listed_prefixes = tuple(_to_wsgi(p) for p in self.listed if p.endswith("/"))
+        self._mount_prefixes = tuple(_to_wsgi(p) for p in self.mounts)
+        self._prefixes = self._listed_prefixes + self._mount_prefixes
+        self._host_sensitive = False
+        self._adapter: MapAdapter | None = None
+        if app is not None and self.mounts:
+            url_map: Map = app.url_map
+            self._host_sensitive = bool(url_map.host_matching or app.subdomain_matching)
+            if not self._host_sensitive:
+                # What Flask's create_url_adapter does for a request when neither
+                # host nor subdomain matching is on: the host plays no part.
+                self._adapter = url_map.bind(
+                    "identity-middleware.invalid",
+                    subdomain=url_map.default_subdomain or "",
+                )
+        # Per-instance caches, so a rebuilt classifier starts empty.
+        self._confirm = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route)
+        self._confirm_host = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route_host)
+        # Without host matching a decision depends on (path, method) alone, so the
+        # hot path remembers the whole answer, not just the URL-map part.
+        self._marked = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._marked_uncached)
+
+    # -- hot path --------------------------------------------------------------------
+
+    def classify(self, environ: WSGIEnvironment) -> bool:
+        """True when the request in ``environ`` is static. Called on every request."""
+        method = environ.get("REQUEST_METHOD")
+        if method != "GET" and method != "HEAD":
+            return False
+        path = environ.get("PATH_INFO") or ""
+        if path not in self._exact and not path.startswith(self._prefixes):
+            return False
+        if self._host_sensitive:
+            return self._decide(path, method, environ).marked
+        return self._marked(path, method)
+
+    def _marked_uncached(self, path: str, method: str) -> bool:
+        return self._decide(path, method, None).marked
+
+    def routed(self, path: str, environ: WSGIEnvironment | None = None) -> bool:
+        """True when the URL map routes a GET of the text ``path`` to a static endpoint.
+
+        Used by serve mode to confirm that a file it would answer is one Flask
+        would serve. Without an environ a host-sensitive map answers False.
+        """
+        wsgi_path = _to_wsgi(path)
+        if canonical_problem(wsgi_path) is not None:
+            return False
+        if not wsgi_path.startswith(self._mount_prefixes):
+            return False
+        return self._confirmed(wsgi_path, "GET", environ)[0]
+
+    # -- decisions -------------------------------------------------------------------
+
+    def explain(
+        self,
+        path: str,
+        method: str = "GET",
+        *,
+        host: str | None = None,
+        environ: WSGIEnvironment | None = None,
+    ) -> Decision:
+        """The full decision for a text ``path`` (as a user types it) and ``method``.
+
+        ``host`` (or a full ``environ``) only matters for host-sensitive URL maps.
+        """
+        method = method.upper()
+        if environ is None and host is not None:
+            environ = {"HTTP_HOST": host, "SERVER_NAME": host, "SERVER_PORT": "80"}
+        if method not in _METHODS:
+            return Decision(path, method, False, f"method {method} is never static")
+        wsgi_path = _to_wsgi(path)
+        if wsgi_path not in self._exact and not wsgi_path.startswith(self._prefixes):
+            return Decision(path, method, False, "not under a static mount or a listed path")
+        decision = self._decide(wsgi_path, method, environ)
+        return Decision(
+            path,
+            method,
+            decision.marked,
+            decision.reason,
+            decision.mount,
+            decision.listed,
+            decision.endpoint,
+            decision.rule,
+        )
+
+    def _decide(self, path: str, method: str, environ: WSGIEnvironment | None) -> Decision:
+        problem = canonical_problem(path)
+        if problem is not None:
+            return Decision(path, method, False, f"not canonical: the path {problem}")
+        if path in self._exact:
+            return Decision(path, method, True, "listed path", listed=_text(path))
+        for prefix in self._listed_prefixes:
+            if path.startswith(prefix):
+                return Decision(path, method, True, "under a listed prefix", listed=_text(prefix))
+        for prefix in self._mount_prefixes:
+            if path.startswith(prefix):
+                mount = _text(prefix)
+                break
+        else:  # pragma: no cover - the fast reject already checked the prefixes
+            return Decision(path, method, False, "not under a static mount or a listed path")
+        marked, reason, endpoint, rule = self._confirmed(path, method, environ)
+        return Decision(path, method, marked, reason, mount=mount, endpoint=endpoint, rule=rule)
+
+    def _confirmed(
+        self, path: str, method: str, environ: WSGIEnvironment | None
+    ) -> tuple[bool, str, str | None, str | None]:
+        if not self._host_sensitive:
+            return self._confirm(path, method)
+        if environ is None:
+            return (False, "the URL map matches hosts and no request host is known", None, None)
+        # Only these fields of the environ take part in host matching, so they
+        # (not the environ, which holds the request body) are the cache key.
+        return self._confirm_host(
+            path,
+            method,
+            environ.get("HTTP_HOST"),
+            environ.get("SERVER_NAME"),
+            environ.get("SERVER_PORT"),
+            environ.get("wsgi.url_scheme", "http"),
+        )
+
+    # -- URL-map confirmation (cached) ---------------------------------------------
+
+    def _route(self, path: str, method: str) -> tuple[bool, str, str | None, str | None]:
+        assert self._adapter is not None
+        return _match(self._adapter, path, method)
+
+    def _route_host(
+        self,
+        path: str,
+        method: str,
+        http_host: str | None,
+        server_name: str | None,
+        server_port: str | None,
+        url_scheme: str,
+    ) -> tuple[bool, str, str | None, str | None]:
+        app = self.app
+        assert app is not None
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path,
+            "SERVER_NAME": server_name or "",
+            "SERVER_PORT": server_port or "",
+            "wsgi.url_scheme": url_scheme,
+        }
+        if http_host is not None:
+            environ["HTTP_HOST"] = http_host
+        try:
+            adapter = app.create_url_adapter(app.request_class(environ))
+        except Exception as exc:  # an untrusted host: Flask answers 400 itself
+            return (False, f"Flask refuses the request host ({exc.__class__.__name__})", None, None)
+        if adapter is None:  # pragma: no cover - only without a request
+            return (False, "no URL adapter for this request", None, None)
+        return _match(adapter, path, method)
+
+
+
+def _text(wsgi_path: str) -> str:
+    return _from_wsgi(wsgi_path) or wsgi_path
+
+
+def _match(adapter: MapAdapter, path: str, method: str) -> tuple[bool, str, str | None, str | None]:
+    text = _from_wsgi(path)
+    if text is None:  # pragma: no cover - canonical_problem rejects it first
+        return (False, "not valid UTF-8", None, None)
+    try:
+        rule, _ = adapter.match(text, method, return_rule=True)
+    except RequestRedirect as exc:
+        return (False, f"the URL map redirects it to {exc.new_url}", None, None)
+    except HTTPException as exc:
+        return (False, f"the URL map answers {exc.code} for it", None, None)
+    if is_static_endpoint(rule.endpoint):
+        return (True, f"routed to static endpoint {rule.endpoint!r}", rule.endpoint, rule.rule)
+    return (
+        False,
+        f"shadowed by rule {rule.rule!r} (endpoint {rule.endpoint!r})",
+        rule.endpoint,
+        rule.rule,
+    )

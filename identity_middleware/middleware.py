@@ -1,0 +1,255 @@
+"""The WSGI middleware: recognise static requests before Flask sees them.
+
+Wrap a Flask app's ``wsgi_app`` and static files, favicons and other assets
+stop loading the user and the identity -- no SQL, no ``identity_loaded``, no
+``Set-Cookie``/``Vary: Cookie`` -- while every other request behaves exactly
+as before::
+
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=["/favicon.ico"])
+
+The middleware classifies ``PATH_INFO`` (see :mod:`identity_middleware.matching`),
+marks static requests in the environ and, because the bound ``app.wsgi_app``
+knows its app, installs the Flask-side hooks (:mod:`identity_middleware.flask_hooks`)
+that read the mark. Wrapping any other WSGI callable only marks the environ,
+using the listed paths; other frameworks read the mark with
+:func:`is_static_request`.
+
+Wrap ``app.wsgi_app`` itself, before any middleware that rewrites the path
+(a dispatcher or prefix middleware): the classification must see the very
+``PATH_INFO`` Flask routes. Wrapped around another middleware, this one does
+not know the Flask app and falls back to listed paths only.
+
+Listed paths are trusted: a listed path is anonymous even if a dynamic view
+serves it. Never list a page that needs the logged-in user.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from flask import Flask
+
+from . import config
+from .config import ConfigError
+from .flask_hooks import MARK
+from .matching import Classifier, Decision, canonical_problem
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["IdentityMiddleware", "is_static_request", "MARK"]
+
+_SETTINGS = ("IDENTITY_STATIC_PATHS", "IDENTITY_SERVE_STATIC", "IDENTITY_DEBUG_HEADERS")
+
+
+class IdentityMiddleware:
+    """Mark static requests so they skip identity loading; optionally serve them.
+
+    :param wsgi_app: the WSGI callable to wrap, normally a Flask app's
+        ``app.wsgi_app``. Then the Flask-side hooks are installed on the
+        first request, and static mounts come from ``app.url_map``.
+    :param static_paths: extra static paths (``IDENTITY_STATIC_PATHS``): exact
+        paths such as ``/favicon.ico`` or prefixes ending in ``/``; a list or
+        a comma-separated string. ``/`` alone is refused.
+    :param serve_static: answer indexed static files in the middleware,
+        before Flask (``IDENTITY_SERVE_STATIC``).
+    :param static_dirs: extra folders to serve, ``{"/assets/": "build/assets"}``;
+        their prefixes are also listed static paths.
+    :param debug_headers: add a ``Server-Timing`` header describing the
+        decision (``IDENTITY_DEBUG_HEADERS``).
+
+    Settings resolve as environment > argument > ``app.config`` > default,
+    at construction; a bad value raises :class:`ConfigError` then.
+
+    Environ keys written: ``identity_middleware.static`` (``True`` on static
+    requests, absent otherwise).
+    """
+
+    __slots__ = (
+        "wsgi_app",
+        "app",
+        "settings",
+        "static_dirs",
+        "listed",
+        "_classifier",
+        "_files",
+        "_ready",
+        "_lock",
+    )
+
+    def __init__(
+        self,
+        wsgi_app: WSGIApplication,
+        static_paths: Iterable[str] | str | None = None,
+        *,
+        serve_static: bool | None = None,
+        static_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
+        debug_headers: bool | None = None,
+    ) -> None:
+        self.wsgi_app = wsgi_app
+        self.app: Flask | None = _flask_app_of(wsgi_app)
+        arguments = {
+            "IDENTITY_STATIC_PATHS": static_paths,
+            "IDENTITY_SERVE_STATIC": serve_static,
+            "IDENTITY_DEBUG_HEADERS": debug_headers,
+        }
+        self.settings: dict[str, config.Resolved] = config.resolve(_SETTINGS, arguments, self.app)
+        listed_paths = self.settings["IDENTITY_STATIC_PATHS"]
+        if "/" in listed_paths.value:
+            raise ConfigError(
+                "IDENTITY_STATIC_PATHS",
+                "/",
+                "paths narrower than '/' (listing '/' would make every page anonymous) "
+                f"(from {listed_paths.source})",
+            )
+        self.static_dirs: dict[str, str] = _checked_static_dirs(static_dirs)
+        #: Listed paths: the setting plus the prefixes of ``static_dirs``.
+        self.listed: tuple[str, ...] = tuple(dict.fromkeys((*listed_paths.value, *self.static_dirs)))
+        self._files: Callable[[WSGIEnvironment, StartResponse], Any] | None = None
+        self._lock = threading.Lock()
+        if self.app is None:
+            self._classifier: Classifier | None = Classifier(None, self.listed)
+            self._ready = not self.settings["IDENTITY_SERVE_STATIC"].value
+        else:
+            from . import flask_hooks
+
+            flask_hooks.verify_internals()  # a missing internal fails here, at startup
+            self.app.extensions["identity_middleware"] = self
+            # Routes, blueprints and extensions may still be added after wrapping;
+            # the classifier and the hooks are built on the first request.
+            self._classifier = None
+            self._ready = False
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self._ready:
+            self._setup()
+        if self._classifier.classify(environ):  # type: ignore[union-attr]
+            environ[MARK] = True
+            if self._files is not None:
+                response = self._files(environ, start_response)
+                if response is not None:
+                    return response  # type: ignore[no-any-return]
+        return self.wsgi_app(environ, start_response)
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            self._build()
+            self._ready = True
+
+    def _build(self) -> None:
+        classifier = Classifier(self.app, self.listed)
+        if self.app is not None:
+            from . import flask_hooks
+
+            flask_hooks.install(self.app)
+        files = None
+        if self.settings["IDENTITY_SERVE_STATIC"].value:
+            files = self._static_files(classifier)
+        self._classifier, self._files = classifier, files
+
+    def _static_files(self, classifier: Classifier) -> Callable[..., Any]:
+        from .static import StaticFiles  # serve mode only
+
+        mounts: dict[str, str] = {}
+        if self.app is not None:
+            for prefix, endpoint in classifier.mounts.items():
+                folder = _static_folder(self.app, endpoint)
+                if folder is not None:
+                    mounts.setdefault(prefix, folder)
+        mounts.update(self.static_dirs)
+        return StaticFiles(mounts, app=self.app, routed=classifier.routed)  # type: ignore[no-any-return]
+
+    def rebuild(self) -> None:
+        """Rebuild the classifier (and the static file index) from the app as it is now.
+
+        The first request does this by itself; call it after changing routes
+        later, or to inspect decisions before any request (the CLI does).
+        Reinstalling the hooks is harmless: it is idempotent.
+        """
+        with self._lock:
+            self._build()
+
+    # -- inspection -------------------------------------------------------------------
+
+    @property
+    def classifier(self) -> Classifier:
+        """The classifier in use, or, before the first request, one built from the app now."""
+        classifier = self._classifier
+        if classifier is None or not self._ready:
+            classifier = Classifier(self.app, self.listed)
+        return classifier
+
+    def explain(self, path: str, method: str = "GET", *, host: str | None = None) -> Decision:
+        """Why a request for the text ``path`` would or would not be static."""
+        return self.classifier.explain(path, method, host=host)
+
+
+def is_static_request(environ: WSGIEnvironment | None = None) -> bool:
+    """True when the middleware marked the request as static.
+
+    Without an argument, reads the current Flask request; outside a request
+    it returns False.
+    """
+    if environ is None:
+        from flask import has_request_context, request
+
+        if not has_request_context():
+            return False
+        environ = request.environ
+    return environ.get(MARK) is True
+
+
+def _flask_app_of(wsgi_app: Any) -> Flask | None:
+    """The Flask app when ``wsgi_app`` is a bound ``Flask.wsgi_app`` (or the app itself)."""
+    if isinstance(wsgi_app, Flask):
+        return wsgi_app
+    if inspect.ismethod(wsgi_app) and isinstance(wsgi_app.__self__, Flask):
+        if wsgi_app.__func__.__name__ == "wsgi_app":
+            return wsgi_app.__self__
+    return None
+
+
+def _static_folder(app: Flask, endpoint: str) -> str | None:
+    if endpoint == "static":
+        return app.static_folder if app.has_static_folder else None
+    blueprint = app.blueprints.get(endpoint.rpartition(".")[0])
+    if blueprint is None or not blueprint.has_static_folder:
+        return None
+    return blueprint.static_folder
+
+
+_STATIC_DIRS_EXPECTED = (
+    "a mapping of URL prefixes (starting and ending with '/', canonical, not '/' alone) "
+    "to existing folders"
+)
+
+
+def _checked_static_dirs(static_dirs: Mapping[str, Any] | None) -> dict[str, str]:
+    if static_dirs is None:
+        return {}
+    if not isinstance(static_dirs, Mapping):
+        raise ConfigError("static_dirs", static_dirs, _STATIC_DIRS_EXPECTED)
+    checked: dict[str, str] = {}
+    for prefix, folder in static_dirs.items():
+        if (
+            not isinstance(prefix, str)
+            or prefix == "/"
+            or not prefix.endswith("/")
+            or canonical_problem(prefix.encode("utf-8").decode("latin-1")) is not None
+        ):
+            raise ConfigError("static_dirs", {prefix: folder}, _STATIC_DIRS_EXPECTED)
+        try:
+            path = os.fspath(folder)
+        except TypeError:
+            raise ConfigError("static_dirs", {prefix: folder}, _STATIC_DIRS_EXPECTED) from None
+        if not os.path.isdir(path):
+            raise ConfigError("static_dirs", {prefix: folder}, _STATIC_DIRS_EXPECTED)
+        checked[prefix] = os.path.abspath(path)
+    return checked
