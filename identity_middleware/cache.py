@@ -1,0 +1,681 @@
+"""The user cache: Flask-Login's ``user_loader`` answered from memory, safely.
+
+Without it every dynamic request runs the user query and the roles query. The
+usual fixes each break something: a dict grows without bound and serves
+revoked roles forever; ``cachetools.cached(lock=...)`` lets 32 concurrent cold
+requests run 32 loads and lets a load that was in flight when someone called
+``invalidate`` store its stale result afterwards; Flask-Caching pickles the user
+on every hit. :class:`UserCache` is bounded (LRU), expires entries (TTL, with a
+shorter TTL for "no such user"), runs one load per user at a time, never caches
+exceptions, and checks a *version stamp* on every hit, so ``invalidate(user_id)``
+takes effect for the very next request -- in every process when the stamps live
+in Redis (:mod:`identity_middleware.redis_versions`).
+
+How a stale load cannot win: the stamp is read *before* the loader starts and
+stored with the result. An invalidation that lands while the load runs bumps the
+stamp, so the stored entry is stale the moment it is stored.
+
+Threads: the hit path takes no lock. It does a handful of single C-level
+operations on an ``OrderedDict`` (``get``, ``move_to_end``), each atomic under the
+GIL, and the writers (under ``self._lock``) also change that dict only with
+single C-level calls (``__setitem__``, ``__delitem__``, ``popitem``) -- never an
+iterator that a concurrent ``move_to_end`` could invalidate. That is why the LRU
+bookkeeping is ours and not ``cachetools.LRUCache``: its ``popitem`` iterates
+the order dict, so it needs every reader under the lock, and a lock on the hit
+path costs more than the rest of the hit together (benchmarks/cache_hit.py).
+Counters touched on the hit path are ``itertools.count`` objects, whose
+``next()`` is one atomic C call, so no hit is lost from the stats. On a
+free-threaded interpreter (no GIL) the hit path takes the lock instead.
+
+When *not* to use it: if your loader's result must reflect the database at
+every request with no invalidation discipline at all, keep ``ttl`` small or set
+it to ``0`` (the loader then runs every time and the stats still count).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar
+
+from .config import Resolved, resolve
+from .versions import LocalVersionStore, VersionStore
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from flask_login import LoginManager
+
+__all__ = ["UserCache", "CacheStats", "CacheAdapter"]
+
+try:  # Flask 3.0/3.1: read the context variables directly (one C call each).
+    from flask.globals import _cv_app, _cv_request
+except ImportError:  # pragma: no cover -- a Flask without them: slower, same result
+    _cv_app = _cv_request = None
+
+_SETTING_NAMES = (
+    "IDENTITY_CACHE_TTL",
+    "IDENTITY_CACHE_MAXSIZE",
+    "IDENTITY_CACHE_NEGATIVE_TTL",
+    "IDENTITY_VERSION_STORE",
+)
+
+#: Attribute set on every loader wrapped by :meth:`UserCache.cached`; its value is the cache.
+_MARK = "_identity_user_cache"
+
+# Each OrderedDict call on the hit path is atomic only while a GIL serialises threads.
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+
+Loader = TypeVar("Loader", bound=Callable[[Any], Any])
+
+
+class CacheStats(NamedTuple):
+    """Counters since the cache was created.
+
+    ``hits + misses`` is the number of gets; ``negative_hits`` is the part of
+    ``hits`` that answered ``None``. ``loads`` counts loader calls (with ``ttl=0``
+    every get is a load); ``load_errors`` the loader calls that raised.
+    ``evictions`` are entries dropped to stay within ``maxsize``, ``expirations``
+    entries dropped because their TTL ran out, ``invalidations`` calls of
+    ``invalidate``/``invalidate_all``. ``size`` is the number of live entries.
+    """
+
+    hits: int
+    misses: int
+    loads: int
+    load_errors: int
+    negative_hits: int
+    evictions: int
+    expirations: int
+    invalidations: int
+    size: int
+
+
+class CacheAdapter(Protocol):
+    """Turns loaded values into what is stored, and stored values into what callers get.
+
+    ``to_cache`` runs once per successful non-``None`` load, before the value is
+    stored; ``from_cache`` runs for every value handed to a caller -- hits, the
+    caller that ran the load and every caller that waited for it -- so each
+    request can get its own object (the SQLAlchemy helper uses this to store a
+    detached copy and hand out per-session instances).
+    """
+
+    def to_cache(self, value: Any) -> Any: ...
+
+    def from_cache(self, stored: Any) -> Any: ...
+
+
+class _Flight:
+    """One running load of one key; callers that miss meanwhile wait on it."""
+
+    __slots__ = ("stamp", "epoch", "owner", "done", "failed", "stored")
+
+    def __init__(self, stamp: Hashable, epoch: int) -> None:
+        self.stamp = stamp
+        self.epoch = epoch
+        self.owner = threading.get_ident()
+        self.done = threading.Event()
+        self.failed = False
+        self.stored: Any = None
+
+
+def _count_reader(counter: itertools.count) -> Callable[[], int]:
+    """Read an ``itertools.count`` without a private API: ``next()`` minus our own reads."""
+    reads = 0
+
+    def value() -> int:
+        nonlocal reads
+        current = next(counter) - reads
+        reads += 1
+        return current
+
+    return value
+
+
+def _flask_security_session_attrs(user: Any) -> None:
+    """What Flask-Security-Too's own loader records per request, replayed on a cache hit.
+
+    Its ``_user_loader`` does more than load: it notes in ``g`` that this request
+    was authenticated by the session (``fs_authn_via``) and when (``fs_paa``), and
+    ``@auth_required("session")`` and the freshness checks read those notes. A hit
+    that skipped the loader would turn every such view into a 401.
+    """
+    from flask import session
+    from flask_security.utils import set_request_attr
+
+    set_request_attr("fs_authn_via", "session")
+    set_request_attr("fs_paa", session.get("fs_paa", 0))
+
+
+def _on_hit_for(loader: Callable[[Any], Any]) -> Callable[[Any], None] | None:
+    """The per-request side effects a known third-party loader has besides loading."""
+    if (
+        getattr(loader, "__module__", None) == "flask_security.core"
+        and getattr(loader, "__name__", None) == "_user_loader"
+    ):
+        return _flask_security_session_attrs
+    return None
+
+
+if _cv_request is None:  # pragma: no cover -- only on a Flask without the context variables
+    import flask
+
+    class _RequestProbe:
+        @staticmethod
+        def get(default: Any) -> Any:
+            return True if flask.has_request_context() else default
+
+    _cv_request = _RequestProbe()
+
+    def _record(outcome: str, started: float) -> None:
+        flask.g._identity_cache_outcome = outcome
+        flask.g._identity_cache_seconds = time.perf_counter() - started
+
+else:
+
+    def _record(outcome: str, started: float, _app_ctx=_cv_app, _clock=time.perf_counter) -> None:
+        """Leave the outcome and duration of this get in ``g`` for the Server-Timing header."""
+        g = _app_ctx.get().g
+        g._identity_cache_outcome = outcome
+        g._identity_cache_seconds = _clock() - started
+
+
+def _build_store(spec: str) -> VersionStore:
+    """The version store an ``IDENTITY_VERSION_STORE`` value (already validated) names."""
+    if spec == "local":
+        return LocalVersionStore()
+    from .redis_versions import RedisVersionStore
+
+    return RedisVersionStore(spec)
+
+
+class UserCache:
+    """An in-process cache of users keyed by the id Flask-Login passes to the loader.
+
+    :param app: a Flask app to initialise now (or call :meth:`init_app` later).
+    :param ttl: seconds an entry is trusted when nothing invalidates it
+        (``IDENTITY_CACHE_TTL``; ``0`` turns caching off).
+    :param maxsize: most entries kept; the least recently used go first
+        (``IDENTITY_CACHE_MAXSIZE``).
+    :param negative_ttl: seconds a ``None`` ("no such user") is trusted
+        (``IDENTITY_CACHE_NEGATIVE_TTL``; ``0`` never caches ``None``).
+    :param versions: a :class:`~identity_middleware.versions.VersionStore`. An object
+        given here wins over ``IDENTITY_VERSION_STORE`` (``local`` or a Redis URL).
+    :param timer: the clock for expiry; tests inject a fake one instead of sleeping.
+
+    Settings resolve as environment > argument > ``app.config`` > default; a bad value
+    raises :class:`~identity_middleware.config.ConfigError` here or in
+    :meth:`init_app`. :attr:`settings` holds the effective values and their sources.
+    One cache may serve several apps; each :meth:`init_app` re-resolves the settings
+    with that app's config.
+
+    Keys are ``str(user_id)``: ``invalidate(1)`` and ``invalidate("1")`` are the same
+    user. With Flask-Security-Too the id Flask-Login passes is ``fs_uniquifier``, so
+    invalidate with that.
+
+    In a Flask request each :meth:`get` leaves its outcome in
+    ``g._identity_cache_outcome`` (``"hit"``, ``"negative"``, ``"miss"`` or
+    ``"bypass"`` when ``ttl=0``) and its duration in seconds in
+    ``g._identity_cache_seconds``.
+    """
+
+    __slots__ = (
+        "adapter",
+        "settings",
+        "_arguments",
+        "_ttl",
+        "_maxsize",
+        "_negative_ttl",
+        "_versions",
+        "_versions_source",
+        "_owns_versions",
+        "_stamp",
+        "_timer",
+        "_entries",
+        "_entries_get",
+        "_move_to_end",
+        "_lock",
+        "_flights",
+        "_epoch",
+        "_next_sweep",
+        "_hits",
+        "_negative_hits",
+        "_read_hits",
+        "_read_negative_hits",
+        "_misses",
+        "_loads",
+        "_load_errors",
+        "_evictions",
+        "_expirations",
+        "_invalidations",
+    )
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        ttl: float | None = None,
+        maxsize: int | None = None,
+        negative_ttl: float | None = None,
+        versions: VersionStore | None = None,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        #: ``None`` or a :class:`CacheAdapter`; see there.
+        self.adapter: CacheAdapter | None = None
+        self.settings: dict[str, Resolved] = {}
+        self._arguments = {
+            "IDENTITY_CACHE_TTL": ttl,
+            "IDENTITY_CACHE_MAXSIZE": maxsize,
+            "IDENTITY_CACHE_NEGATIVE_TTL": negative_ttl,
+        }
+        self._timer = timer
+        self._lock = threading.Lock()
+        # key -> (stored value, stamp read before the load, expiry); order = recency.
+        self._entries: OrderedDict[str, tuple[Any, Hashable, float]] = OrderedDict()
+        if _GIL:
+            self._entries_get = self._entries.get
+            self._move_to_end = self._entries.move_to_end
+        else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
+            self._entries_get = self._under_lock(self._entries.get)
+            self._move_to_end = self._under_lock(self._entries.move_to_end)
+        self._flights: dict[str, _Flight] = {}
+        self._epoch = 0  # bumped by clear(): loads started earlier do not store
+        self._next_sweep = 0.0
+        self._hits = itertools.count()
+        self._negative_hits = itertools.count()
+        self._read_hits = _count_reader(self._hits)
+        self._read_negative_hits = _count_reader(self._negative_hits)
+        self._misses = self._loads = self._load_errors = 0
+        self._evictions = self._expirations = self._invalidations = 0
+        self._versions: VersionStore | None = None
+        self._versions_source: str | None = None  # the setting value the store was built from
+        self._owns_versions = False
+        if versions is not None:
+            self.versions = versions
+        self._configure(app)
+        if app is not None:
+            app.extensions["identity_cache"] = self
+
+    # -- configuration --------------------------------------------------------------------
+
+    def init_app(self, app: Flask) -> None:
+        """Apply ``app.config`` (under environment and arguments) and register as
+        ``app.extensions["identity_cache"]``."""
+        self._configure(app)
+        app.extensions["identity_cache"] = self
+
+    def _configure(self, app: Flask | None) -> None:
+        explicit_store = self._versions_source == "argument"
+        names = _SETTING_NAMES[:-1] if explicit_store else _SETTING_NAMES
+        settings = resolve(names, self._arguments, app)  # raises ConfigError
+        if explicit_store:
+            settings["IDENTITY_VERSION_STORE"] = Resolved(
+                "IDENTITY_VERSION_STORE", self._versions, "argument"
+            )
+        else:
+            spec = settings["IDENTITY_VERSION_STORE"].value
+            if spec != self._versions_source:
+                old, owned = self._versions, self._owns_versions
+                self._use_store(_build_store(spec), source=spec, owned=True)
+                if owned and old is not None:
+                    old.close()
+        self.settings = settings
+        self._ttl = settings["IDENTITY_CACHE_TTL"].value
+        self._maxsize = settings["IDENTITY_CACHE_MAXSIZE"].value
+        self._negative_ttl = settings["IDENTITY_CACHE_NEGATIVE_TTL"].value
+        if self._ttl == 0:
+            self.clear()
+
+    @property
+    def versions(self) -> VersionStore:
+        """The version store whose stamps decide whether an entry is still good."""
+        return self._versions
+
+    @versions.setter
+    def versions(self, store: VersionStore) -> None:
+        if not callable(getattr(store, "stamp", None)) or not callable(getattr(store, "bump", None)):
+            raise TypeError(f"{store!r} is not a VersionStore (needs stamp, bump, bump_all)")
+        self._use_store(store, source="argument", owned=False)
+
+    def _use_store(self, store: VersionStore, *, source: str, owned: bool) -> None:
+        # Stamps of different stores are not comparable: forget what the old one vouched for.
+        with self._lock:
+            self._versions = store
+            self._stamp = store.stamp
+            self._versions_source = source
+            self._owns_versions = owned
+            self._entries.clear()
+            self._epoch += 1
+
+    def close(self) -> None:
+        """Close the version store if this cache built it from configuration."""
+        if self._owns_versions and self._versions is not None:
+            self._versions.close()
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def get(self, user_id: Any, loader: Callable[[Any], Any]) -> Any:
+        """The user for ``user_id``: from the cache, or from ``loader(user_id)`` (once per
+        key however many callers miss at the same time). Exceptions from the loader
+        reach the caller that ran it and are never cached."""
+        return self._get(user_id, loader, None)
+
+    def _get(
+        self,
+        user_id: Any,
+        loader: Callable[[Any], Any],
+        on_hit: Callable[[Any], None] | None,
+        _request=_cv_request,
+        _clock=time.perf_counter,
+    ) -> Any:
+        key = str(user_id)
+        in_request = _request.get(None) is not None
+        if in_request:
+            started = _clock()
+        entry = self._entries_get(key)
+        if entry is not None:
+            stored, stamp, expires = entry
+            if self._timer() < expires and stamp == self._stamp(key):
+                try:
+                    self._move_to_end(key)
+                except KeyError:  # evicted by another thread since our get: harmless
+                    pass
+                next(self._hits)
+                if stored is None:
+                    next(self._negative_hits)
+                    if in_request:
+                        _record("negative", started)
+                    return None
+                adapter = self.adapter
+                value = stored if adapter is None else adapter.from_cache(stored)
+                if on_hit is not None:
+                    on_hit(value)
+                if in_request:
+                    _record("hit", started)
+                return value
+        value, outcome = self._load(key, user_id, loader, on_hit)
+        if in_request:
+            _record(outcome, started)
+        return value
+
+    # -- the miss path: single flight -----------------------------------------------------
+
+    def _load(
+        self,
+        key: str,
+        user_id: Any,
+        loader: Callable[[Any], Any],
+        on_hit: Callable[[Any], None] | None,
+    ) -> tuple[Any, str]:
+        if self._ttl == 0:
+            return self._bypass(user_id, loader), "bypass"
+        counted = False
+        entries = self._entries
+        while True:
+            stamp = self._stamp(key)  # read before the load starts: see the module docstring
+            now = self._timer()
+            with self._lock:
+                entry = entries.get(key)
+                if entry is not None:
+                    if now < entry[2] and entry[1] == stamp:  # stored since our look
+                        if not counted:
+                            next(self._hits)
+                            if entry[0] is None:
+                                next(self._negative_hits)
+                        outcome = "negative" if entry[0] is None else "hit"
+                        leader, flight = None, None
+                    else:
+                        del entries[key]
+                        if now >= entry[2]:
+                            self._expirations += 1
+                        entry = None
+                if entry is None:
+                    if not counted:
+                        self._misses += 1
+                    flight = self._flights.get(key)
+                    if (
+                        flight is None
+                        or flight.stamp != stamp
+                        or flight.epoch != self._epoch
+                        or flight.owner == threading.get_ident()  # loader re-entered get()
+                    ):
+                        # No load to join, or it started before an invalidation (or
+                        # clear) that has returned: its result is too old for us.
+                        flight = _Flight(stamp, self._epoch)
+                        self._flights[key] = flight
+                        leader = True
+                    else:
+                        leader = False
+                counted = True
+            if entry is not None:
+                return self._hand_out(entry[0], on_hit), outcome
+            if leader:
+                return self._run(key, user_id, loader, flight, now), "miss"
+            flight.done.wait()
+            if not flight.failed:
+                return self._hand_out(flight.stored, on_hit), "miss"
+            # The load failed and its caller got the exception. Loop: the first waiter
+            # back under the lock starts the next load, the others wait for that one.
+
+    def _run(
+        self, key: str, user_id: Any, loader: Callable[[Any], Any], flight: _Flight, started: float
+    ) -> Any:
+        """Run the loader for a flight we lead, store the result, release the waiters."""
+        adapter = self.adapter
+        try:
+            value = loader(user_id)
+            stored = value if value is None or adapter is None else adapter.to_cache(value)
+        except BaseException:
+            flight.failed = True
+            with self._lock:
+                self._loads += 1
+                self._load_errors += 1
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+            raise
+        else:
+            flight.stored = stored
+            now = self._timer()
+            with self._lock:
+                self._loads += 1
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                # Store only what is still current: a bump or clear() during the load
+                # means a newer load may already have stored a fresher value.
+                if flight.epoch == self._epoch and flight.stamp == self._stamp(key):
+                    self._store(key, stored, flight.stamp, started, now)
+        finally:
+            flight.done.set()  # whatever happened, nobody waits forever
+        if stored is None or adapter is None:
+            return stored
+        return adapter.from_cache(stored)
+
+    def _bypass(self, user_id: Any, loader: Callable[[Any], Any]) -> Any:
+        """``ttl=0``: the loader runs every time; only the stats remember."""
+        with self._lock:
+            self._misses += 1
+            self._loads += 1
+        try:
+            return loader(user_id)
+        except BaseException:
+            with self._lock:
+                self._load_errors += 1
+            raise
+
+    def _hand_out(self, stored: Any, on_hit: Callable[[Any], None] | None) -> Any:
+        """A stored value as a caller that did not run the loader receives it."""
+        if stored is None:
+            return None
+        adapter = self.adapter
+        value = stored if adapter is None else adapter.from_cache(stored)
+        if on_hit is not None:
+            on_hit(value)
+        return value
+
+    # -- bookkeeping (caller holds self._lock) ------------------------------------------------
+
+    def _store(self, key: str, stored: Any, stamp: Hashable, started: float, now: float) -> None:
+        if stored is None:
+            if self._negative_ttl == 0:
+                return
+            expires = started + self._negative_ttl
+        else:
+            expires = started + self._ttl
+        entries = self._entries
+        entries[key] = (stored, stamp, expires)
+        entries.move_to_end(key)
+        while len(entries) > self._maxsize:
+            _, (_, _, old_expires) = entries.popitem(last=False)
+            if old_expires <= now:
+                self._expirations += 1
+            else:
+                self._evictions += 1
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + max(self._ttl, self._negative_ttl)
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries so they do not sit in memory until LRU reaches them.
+
+        Runs at most once per TTL from the miss path, and from :meth:`stats`.
+        """
+        entries = self._entries
+        try:
+            items = list(entries.items())  # one C call; see below
+        except RuntimeError:
+            # A lock-free hit moved an entry while the copy ran (possible only if the
+            # copy was interrupted by a finaliser). Sweep next time instead.
+            return
+        for key, entry in items:
+            if entry[2] <= now and entries.get(key) is entry:
+                del entries[key]
+                self._expirations += 1
+
+    def _under_lock(self, function: Callable[..., Any]) -> Callable[..., Any]:  # pragma: no cover
+        lock = self._lock
+
+        def locked(*args: Any) -> Any:
+            with lock:
+                return function(*args)
+
+        return locked
+
+    # -- invalidation and introspection ---------------------------------------------------
+
+    def invalidate(self, user_id: Any) -> None:
+        """Stop serving what is cached for ``user_id``: here at once, elsewhere as soon as
+        the version store propagates the bump. Call after changing roles or deactivating."""
+        key = str(user_id)
+        self._versions.bump(key)  # first: no entry stamped before this can validate again
+        with self._lock:
+            self._invalidations += 1
+            self._entries.pop(key, None)
+
+    def invalidate_all(self) -> None:
+        """Stop serving every cached user, e.g. after changing what a role means."""
+        self._versions.bump_all()
+        with self._lock:
+            self._invalidations += 1
+            self._entries.clear()
+
+    def clear(self) -> None:
+        """Empty this process's cache (loads in flight do not store). Other processes
+        keep theirs: use :meth:`invalidate_all` to reach them."""
+        with self._lock:
+            self._entries.clear()
+            self._epoch += 1
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters; expired entries are dropped first so ``size`` is live."""
+        with self._lock:
+            self._sweep(self._timer())
+            return CacheStats(
+                hits=self._read_hits(),
+                misses=self._misses,
+                loads=self._loads,
+                load_errors=self._load_errors,
+                negative_hits=self._read_negative_hits(),
+                evictions=self._evictions,
+                expirations=self._expirations,
+                invalidations=self._invalidations,
+                size=len(self._entries),
+            )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (
+            f"<UserCache size={len(self._entries)} maxsize={self._maxsize} ttl={self._ttl}"
+            f" negative_ttl={self._negative_ttl} versions={self._versions!r}>"
+        )
+
+    # -- Flask-Login glue ---------------------------------------------------------------------
+
+    def cached(
+        self,
+        loader: Loader | None = None,
+        *,
+        on_hit: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Put a ``user_loader`` behind this cache::
+
+            @login_manager.user_loader
+            @user_cache.cached
+            def load_user(user_id): ...
+
+        ``on_hit(user)`` runs in the request of every caller that receives a user
+        without having run the loader itself -- for loaders with per-request side
+        effects besides loading. Wrapping a loader this cache already wraps returns
+        it unchanged.
+        """
+        if loader is None:
+            return functools.partial(self.cached, on_hit=on_hit)
+        owner = getattr(loader, _MARK, None)
+        if owner is self:
+            return loader
+        if owner is not None:
+            raise ValueError(f"{loader!r} is already behind another UserCache ({owner!r})")
+        get = self._get
+
+        @functools.wraps(loader)
+        def cached_loader(user_id: Any) -> Any:
+            return get(user_id, loader, on_hit)
+
+        setattr(cached_loader, _MARK, self)
+        return cached_loader
+
+    def install(self, login_manager: LoginManager) -> Callable[[Any], Any]:
+        """Put the loader already registered on ``login_manager`` behind this cache.
+
+        For loaders you do not own, such as Flask-Security-Too's (call this after
+        ``Security(app, ...)``). Installing twice changes nothing. Returns the loader
+        now registered.
+        """
+        register = getattr(login_manager, "user_loader", None)
+        if not callable(register) or not hasattr(login_manager, "_user_callback"):
+            raise RuntimeError(
+                f"UserCache.install() needs a Flask-Login LoginManager with user_loader() and"
+                f" _user_callback (Flask-Login 0.6); got {login_manager!r}"
+            )
+        current = login_manager._user_callback
+        if current is None:
+            raise RuntimeError(
+                "UserCache.install(): no user_loader is registered on this LoginManager yet;"
+                " install after the code that registers it (e.g. after Security(app, ...)),"
+                " or decorate your loader with @user_cache.cached"
+            )
+        if getattr(current, _MARK, None) is self:
+            return current
+        wrapped = self.cached(current, on_hit=_on_hit_for(current))
+        register(wrapped)
+        if login_manager._user_callback is not wrapped:  # what _load_user() calls
+            raise RuntimeError(
+                "UserCache.install(): LoginManager.user_loader() did not replace"
+                " _user_callback; this Flask-Login version is not supported"
+            )
+        return wrapped
