@@ -14,6 +14,7 @@ from, which is what ``flask identity status`` prints.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -103,16 +104,52 @@ def _version_store(raw: Any) -> str:
     text = raw.strip()
     if text == "local":
         return text
-    from urllib.parse import urlsplit
+    _check_redis_url(text)
+    return text
+
+
+def _check_redis_url(text: str) -> None:
+    """Reject Redis URLs that redis-py would silently misread.
+
+    redis-py ignores a database path it cannot parse (``/abc`` becomes db 0) and
+    glues ``/1/2`` into db 12, so a typo would point every worker at the wrong
+    database without an error. We accept only what means one thing.
+    """
+    from urllib.parse import parse_qsl, urlsplit
 
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 -- raises ValueError on a malformed port
+        port = parts.port
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ValueError from None
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+    if parts.fragment or any(ch.isspace() or ord(ch) < 32 for ch in text):
         raise ValueError
-    return text
+    if parts.scheme in ("redis", "rediss"):
+        path = parts.path
+        if (
+            not text.startswith(parts.scheme + "://")
+            or not parts.hostname
+            or port == 0
+            or (path not in ("", "/") and not _DIGITS.fullmatch(path[1:]))
+        ):
+            raise ValueError
+    elif parts.scheme == "unix":
+        if not parts.path.startswith("/") or parts.path.endswith("/"):
+            raise ValueError
+    else:
+        raise ValueError
+    for name, value in query:
+        if name == "db" and not _DIGITS.fullmatch(value):
+            raise ValueError
+    try:  # redis-py checks its own query options (timeouts, ssl_cert_reqs, ...)
+        from redis.connection import parse_url
+    except ImportError:  # the redis extra is not installed: nothing more to check
+        return
+    parse_url(text)
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
