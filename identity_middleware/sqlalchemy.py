@@ -1,0 +1,526 @@
+"""SQLAlchemy users from the cache that behave like fresh ones, invalidated on commit.
+
+Caching an ORM object naively breaks in three ways. The object belongs to the
+session of the request that loaded it, so in a later request ``user.roles``
+raises ``DetachedInstanceError`` once anything expired it; the same Python object
+is handed to concurrent requests, which then share (and race on) its state; and
+it goes stale unless someone remembers to call ``invalidate`` after every role
+change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
+
+* **What is stored** is a snapshot: plain column values of the user and of the
+  ``relationships`` you name (``"roles"``, or ``"roles.permissions"`` for nested
+  ones), taken once after a load. It holds no session, no connection and no ORM
+  object, so it cannot go detached and is never mutated.
+* **What a hit returns** is a new ORM instance built from that snapshot and added
+  to the *current* session as if it had just been loaded: no SQL, the named
+  relationships readable, anything else lazy-loads as usual, and it can be
+  modified and committed. Each caller gets its own object; when the current
+  session already holds that user (or one of its roles) the session's own object
+  is used, exactly as ``session.get`` would.
+* **Invalidation is automatic and happens only after commit.** Listeners on *your*
+  session factory (not on every ``Session`` in the process) collect the users
+  touched by a flush -- inserts, updates, deletes, changes to their relationship
+  collections -- and the ORM-enabled bulk ``update()``/``delete()``/``insert()``
+  statements on watched models, keep them in ``session.info`` and apply them in
+  ``after_commit``. A rollback applies nothing.
+
+Why a snapshot and not ``Session.merge(cached, load=False)``: both cost about the
+same (benchmarks/sqlalchemy_hit.py), but ``merge`` copies the cached state *onto*
+an object the session already has, silently discarding that request's pending
+changes to the user or to a shared ``Role``, and it refuses cached objects that
+were ever modified. Building from immutable data has neither problem and needs
+no lock.
+
+What it does not see: SQL that bypasses the ORM (``text("UPDATE users ...")``,
+``connection.execute(users.update())``, writes from other programs, direct
+inserts into an association table). Call ``user_cache.invalidate(user_id)`` or
+``invalidate_all()`` after those, and keep a TTL as the backstop.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import decimal
+import enum
+import itertools
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
+
+from sqlalchemy import event, inspect
+from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session, sessionmaker
+from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
+from sqlalchemy.orm.exc import DetachedInstanceError
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm.state import InstanceState
+
+__all__ = ["bind_sqlalchemy", "SQLAlchemyBinding"]
+
+log = logging.getLogger(__name__)
+
+#: Values of these types are shared between snapshot and instances; anything else
+#: (a JSON dict, a list, an array) is deep-copied so no request mutates the cache.
+_IMMUTABLE = (
+    str,
+    int,
+    float,
+    bool,
+    bytes,
+    type(None),
+    decimal.Decimal,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    uuid.UUID,
+    enum.Enum,
+    frozenset,
+    complex,
+)
+
+# Collection relationships whose contents cannot be loaded once and held.
+_UNLOADABLE = ("dynamic", "write_only", "noload", "raise", "raise_on_sql")
+
+
+class _Node:
+    """An immutable snapshot of one ORM row and the relationships named below it."""
+
+    __slots__ = ("manager", "key", "values", "copied", "children")
+
+    def __init__(
+        self,
+        manager: Any,
+        key: tuple,
+        values: dict[str, Any],
+        copied: tuple[str, ...],
+        children: tuple[tuple[str, bool, Any], ...],
+    ) -> None:
+        self.manager = manager  # the class manager: builds instances without __init__
+        self.key = key  # the identity key, as the session's identity map uses it
+        self.values = values  # column values; never mutated after construction
+        self.copied = copied  # keys in values that each instance gets a deep copy of
+        self.children = children  # (relationship, is_collection, tuple of nodes | node | None)
+
+    def __repr__(self) -> str:
+        return f"<snapshot {self.key[0].__name__}{self.key[1]!r}>"
+
+
+class _Pending:
+    """What one session's current transaction changed, waiting for its commit."""
+
+    __slots__ = ("ids", "everything")
+
+    def __init__(self) -> None:
+        self.ids: set[Hashable] = set()  # users whose rows or collections changed
+        self.everything = False  # a watched related model or a bulk statement changed
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.everything)
+
+
+class SQLAlchemyBinding:
+    """The adapter and the commit listeners that :func:`bind_sqlalchemy` installed.
+
+    It is the cache's ``adapter`` (``to_cache``/``from_cache``); :meth:`remove`
+    detaches the listeners, unsets the adapter and clears the cache (its entries
+    are snapshots that only this binding can turn back into users).
+    """
+
+    __slots__ = (
+        "user_cache",
+        "user_model",
+        "relationships",
+        "related",
+        "_target",
+        "_current",
+        "_tree",
+        "_watched",
+        "_related",
+        "_user_id",
+        "_columns",
+        "_listeners",
+        "_removed",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        user_cache: Any,
+        target: Any,
+        current: Callable[[], Session | None] | None,
+        user_model: type,
+        tree: dict[str, dict],
+        relationships: tuple[str, ...],
+        related: tuple[type, ...],
+        watched_related: tuple[type, ...],
+        user_id: Callable[[Any], Hashable] | None,
+    ) -> None:
+        self.user_cache = user_cache
+        self.user_model = user_model
+        self.relationships = relationships
+        self.related = related
+        self._target = target
+        self._current = current
+        self._tree = tree
+        self._related = watched_related
+        self._watched = (user_model, *watched_related)
+        self._user_id = user_id
+        self._columns: dict[Mapper, tuple[str, ...]] = {}
+        self._removed = False
+        self._listeners = (
+            ("after_flush", self._after_flush),
+            ("do_orm_execute", self._do_orm_execute),
+            ("after_commit", self._after_commit),
+            ("after_transaction_end", self._after_transaction_end),
+        )
+
+    # -- the cache adapter -----------------------------------------------------------
+
+    def to_cache(self, value: Any) -> _Node | None:
+        """Snapshot what the loader returned; called once per load, in the loading request.
+
+        Loads what is missing first (expired columns, the named relationships) through
+        the loader's session, so the snapshot never needs a session again.
+        """
+        if value is None:
+            return None
+        if not isinstance(value, self.user_model):
+            raise TypeError(
+                f"the user loader returned {value!r}; bind_sqlalchemy(..., {self.user_model.__name__}) "
+                f"caches {self.user_model.__name__} instances or None"
+            )
+        state = instance_state(value)
+        if state.key is None:
+            raise ValueError(
+                f"the user loader returned {value!r}, which is not persistent "
+                "(pending or transient): only rows loaded from the database can be cached"
+            )
+        modified: list[bool] = []
+        try:
+            node = self._snapshot(state, self._tree, modified)
+        except DetachedInstanceError as exc:
+            raise DetachedInstanceError(
+                f"{exc} -- the user loader returned a detached {self.user_model.__name__} whose "
+                f"{', '.join(self.relationships) or 'columns'} were not loaded; load them before the "
+                "session closes (for example with selectinload) or return an attached instance"
+            ) from exc
+        session = state.session
+        if session is not None and (modified or self._pending(session, create=False)):
+            # The snapshot may hold changes this transaction has not committed. Its own
+            # caller gets them anyway (its session's view); invalidating now, during the
+            # load, makes the cache drop the entry instead of serving it to others.
+            self.user_cache.invalidate(self._id(state))
+        return node
+
+    def from_cache(self, stored: _Node | None) -> Any:
+        """A user for the caller: the current session's own, or a new instance added to it."""
+        if stored is None:
+            return None
+        session = self._current() if self._current is not None else None
+        built: list[Any] = []
+        user = self._build(stored, session, built)
+        if session is not None and built:
+            for obj in reversed(built):  # the user first: its add cascades to the rest
+                if instance_state(obj).detached:
+                    session.add(obj)  # persistent at once: make_transient_to_detached gave it a key
+        return user
+
+    def _snapshot(self, state: InstanceState, tree: Mapping[str, dict], modified: list[bool]) -> _Node:
+        obj = state.obj()
+        dict_ = state.dict
+        columns = self._columns_of(state.mapper)
+        for key in columns:
+            if key not in dict_:
+                getattr(obj, key)  # expired: one refresh loads them all
+        if state.modified:
+            modified.append(True)
+        values = {key: dict_[key] for key in columns if key in dict_}
+        copied = tuple(key for key, v in values.items() if not isinstance(v, _IMMUTABLE))
+        for key in copied:
+            values[key] = copy.deepcopy(values[key])
+        children = []
+        for name, subtree in tree.items():
+            loaded = getattr(obj, name)  # lazy-loads in the loading request, if not loaded yet
+            if state.mapper.relationships[name].uselist:
+                items = tuple(self._snapshot(instance_state(item), subtree, modified) for item in loaded)
+                children.append((name, True, items))
+            else:
+                child = None if loaded is None else self._snapshot(instance_state(loaded), subtree, modified)
+                children.append((name, False, child))
+        return _Node(state.manager, state.key, values, copied, tuple(children))
+
+    def _build(self, node: _Node, session: Session | None, built: list[Any]) -> Any:
+        if session is not None:
+            existing = session.identity_map.get(node.key)
+            if existing is not None:
+                return existing  # the session's view wins, as with session.get()
+        obj = node.manager.new_instance()
+        dict_ = instance_dict(obj)
+        dict_.update(node.values)  # what the ORM's own row loader does
+        for key in node.copied:
+            dict_[key] = copy.deepcopy(node.values[key])
+        for name, many, child in node.children:
+            if many:
+                value = [self._build(item, session, built) for item in child]
+            else:
+                value = None if child is None else self._build(child, session, built)
+            set_committed_value(obj, name, value)
+        make_transient_to_detached(obj)  # a key, clean history, missing columns expired
+        built.append(obj)
+        return obj
+
+    def _columns_of(self, mapper: Mapper) -> tuple[str, ...]:
+        columns = self._columns.get(mapper)
+        if columns is None:
+            # Columns deferred by the mapping stay unloaded and load on access, as usual.
+            columns = tuple(p.key for p in mapper.column_attrs if not p.deferred)
+            self._columns[mapper] = columns
+        return columns
+
+    # -- invalidation after commit ---------------------------------------------------
+
+    def _pending(self, session: Session, create: bool = True) -> _Pending | None:
+        pending = session.info.get(self)
+        if pending is None and create:
+            pending = session.info[self] = _Pending()
+        return pending
+
+    def _id(self, state: InstanceState) -> Hashable:
+        if self._user_id is not None:
+            return self._user_id(state.obj())
+        if state.key is not None:
+            return str(state.key[1][0])
+        return str(state.mapper.primary_key_from_instance(state.obj())[0])
+
+    def _after_flush(self, session: Session, flush_context: Any) -> None:
+        # Runs before the flushed states are finalised: new/dirty/deleted still say
+        # what this flush wrote, and new rows already have their primary keys.
+        for obj in session.new:
+            if isinstance(obj, self._watched):
+                self._changed(session, obj, inserted_or_deleted=True)
+        for obj in session.deleted:
+            if isinstance(obj, self._watched):
+                self._changed(session, obj, inserted_or_deleted=True)
+        for obj in session.dirty:
+            if isinstance(obj, self._watched) and session.is_modified(obj):
+                self._changed(session, obj, inserted_or_deleted=False)
+
+    def _changed(self, session: Session, obj: Any, *, inserted_or_deleted: bool) -> None:
+        pending = self._pending(session)
+        state = instance_state(obj)
+        if isinstance(obj, self.user_model):
+            pending.ids.update(self._ids_of(state))
+        elif inserted_or_deleted:
+            pending.everything = True
+        else:
+            self._related_changed(obj, state, pending)
+
+    def _ids_of(self, state: InstanceState) -> Iterable[Hashable]:
+        yield self._id(state)
+        if self._user_id is None and state.key is not None:
+            # A changed primary key: the row is now known by its new id as well.
+            current = state.mapper.primary_key_from_instance(state.obj())
+            if current and str(current[0]) != str(state.key[1][0]):
+                yield str(current[0])
+
+    def _related_changed(self, obj: Any, state: InstanceState, pending: _Pending) -> None:
+        """A role changed: exactly its users when only its user collection moved, else all."""
+        users: list[Any] = []
+        relationships = state.mapper.relationships
+        for attr in inspect(obj).attrs:
+            history = attr.history  # PASSIVE_NO_INITIALIZE: never loads anything
+            if not history.has_changes():
+                continue
+            prop = relationships.get(attr.key)
+            if prop is None or not issubclass(prop.mapper.class_, self.user_model):
+                pending.everything = True  # a column, or a link to something else
+                return
+            users.extend(u for u in (*history.added, *history.deleted) if u is not None)
+        pending.ids.update(self._id(instance_state(u)) for u in users)
+
+    def _do_orm_execute(self, orm_state: ORMExecuteState) -> None:
+        if orm_state.is_select:
+            return  # every SELECT passes here: keep it to one attribute read
+        if not (orm_state.is_update or orm_state.is_delete or orm_state.is_insert):
+            return
+        for mapper in orm_state.all_mappers:
+            if issubclass(mapper.class_, self._watched):
+                # Which rows a bulk statement hits is known only to the database.
+                self._pending(orm_state.session).everything = True
+                return
+
+    def _after_commit(self, session: Session) -> None:
+        if session.in_nested_transaction():
+            return  # a savepoint released: its changes wait for the outer commit
+        pending = session.info.pop(self, None)
+        if pending is None:
+            return
+        if pending.everything:
+            self._apply(self.user_cache.invalidate_all)
+        else:
+            for user_id in pending.ids:
+                self._apply(self.user_cache.invalidate, user_id)
+
+    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        # A rolled-back savepoint keeps its changes pending (at worst one extra reload);
+        # the outermost transaction ending without after_commit (rollback, close)
+        # drops them: nothing it wrote is in the database.
+        if transaction.parent is None and not transaction.nested:
+            session.info.pop(self, None)
+
+    def _apply(self, invalidate: Callable[..., None], *args: Any) -> None:
+        # The database has committed: raising now would report a failed commit that
+        # did not fail. The version store logs and degrades on its own; log here too.
+        try:
+            invalidate(*args)
+        except Exception:
+            log.exception("identity cache invalidation after commit failed: %s%r", invalidate.__name__, args)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _install(self) -> None:
+        for name, fn in self._listeners:
+            event.listen(self._target, name, fn)
+        self.user_cache.clear()  # raw values stored before binding are not snapshots
+        self.user_cache.adapter = self
+
+    def remove(self) -> None:
+        """Detach the listeners, unset the adapter and clear the cache. Idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        for name, fn in self._listeners:
+            if event.contains(self._target, name, fn):
+                event.remove(self._target, name, fn)
+        if self.user_cache.adapter is self:
+            self.user_cache.adapter = None
+        self.user_cache.clear()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "bound"
+        return f"<SQLAlchemyBinding {self.user_model.__name__} relationships={self.relationships!r} {state}>"
+
+
+def bind_sqlalchemy(
+    user_cache: Any,
+    session: Session | sessionmaker | scoped_session,
+    user_model: type,
+    *,
+    relationships: Sequence[str] = (),
+    related: Sequence[type] = (),
+    user_id: Callable[[Any], Hashable] | None = None,
+    current_session: Callable[[], Session | None] | None = None,
+) -> SQLAlchemyBinding:
+    """Make ``user_cache`` store SQLAlchemy users safely and invalidate them on commit.
+
+    ``session`` says which sessions are watched for commits and where cache hits go:
+
+    * a ``scoped_session`` -- Flask-SQLAlchemy's ``db.session`` is one: its sessions
+      are watched and each hit is added to ``session()``, the session of the
+      current request (app context, thread, ...);
+    * a ``Session``: that session is watched and receives the hits;
+    * a ``sessionmaker``: its sessions are watched; as there is no "current" one,
+      hits are detached instances with the ``relationships`` loaded -- what a loader
+      that closes its own session returns. Pass ``current_session=`` (a callable
+      returning this request's session, e.g. ``lambda: g.db``) to attach them.
+
+    ``relationships`` are loaded before a user is stored and readable without SQL
+    on every hit (dotted paths reach further: ``"roles.permissions"``).
+    ``related`` lists models whose committed changes invalidate the users linked to
+    them; the targets of ``relationships`` are always watched. A change that only
+    moves users in and out of a related row's user collection invalidates exactly
+    those users; any other change to a related row, and every ORM bulk
+    ``update()``/``delete()``/``insert()`` on a watched model, invalidates all.
+
+    Cache keys are the ids Flask-Login passes to the loader; by default the user's
+    primary key as a string. If your ``get_id()`` returns something else, pass
+    ``user_id=lambda user: ...`` returning that id.
+    """
+    target, current = _resolve_session(session, current_session)
+    mapper = _mapper_of(user_model, "user_model")
+    if user_id is None and len(mapper.primary_key) != 1:
+        raise ConfigError(
+            "user_id", None, f"a callable returning the loader's id: {user_model.__name__} has a composite primary key"
+        )
+    if user_id is not None and not callable(user_id):
+        raise ConfigError("user_id", user_id, "a callable taking a user and returning its loader id")
+    relationships = tuple(relationships)
+    tree, targets = _relationship_tree(mapper, relationships)
+    related = tuple(related)
+    for model in related:
+        _mapper_of(model, "related")
+    watched = tuple(dict.fromkeys((*related, *targets)))
+    if getattr(user_cache, "adapter", None) is not None:
+        raise ConfigError(
+            "user_cache.adapter", user_cache.adapter, "None: this cache is already bound; remove() that binding first"
+        )
+    binding = SQLAlchemyBinding(
+        user_cache, target, current, user_model, tree, relationships, related, watched, user_id
+    )
+    binding._install()
+    return binding
+
+
+def _resolve_session(
+    session: Any, current_session: Callable[[], Session | None] | None
+) -> tuple[Any, Callable[[], Session | None] | None]:
+    """The event target that scopes our listeners, and how to find the current session."""
+    if current_session is not None and not callable(current_session):
+        raise TypeError(f"current_session must be a callable returning a Session, not {current_session!r}")
+    if isinstance(session, scoped_session):
+        factory = session.session_factory
+        if not isinstance(factory, sessionmaker):
+            raise TypeError(
+                "bind_sqlalchemy needs a scoped_session built on a sessionmaker, so that its listeners "
+                f"are scoped to that factory's sessions; got session_factory={factory!r}"
+            )
+        return session, current_session or session
+    if isinstance(session, sessionmaker):
+        return session, current_session
+    if isinstance(session, Session):
+        return session, current_session or (lambda: session)
+    raise TypeError(
+        "bind_sqlalchemy(session=...) takes a Session, a sessionmaker, a scoped_session or "
+        f"Flask-SQLAlchemy's db.session, not {session!r}; to attach hits to a session of your own, "
+        "pass the sessionmaker and current_session=<callable returning the request's session>"
+    )
+
+
+def _mapper_of(model: Any, name: str) -> Mapper:
+    try:
+        mapper = inspect(model)
+    except NoInspectionAvailable:
+        mapper = None
+    if not isinstance(mapper, Mapper) or not isinstance(model, type):
+        raise ConfigError(name, model, "a mapped SQLAlchemy class")
+    return mapper
+
+
+def _relationship_tree(mapper: Mapper, paths: tuple[str, ...]) -> tuple[dict[str, dict], list[type]]:
+    """``("roles", "roles.permissions")`` -> ``{"roles": {"permissions": {}}}``, checked."""
+    tree: dict[str, dict] = {}
+    targets: list[type] = []
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise ConfigError("relationships", path, "relationship names such as 'roles' or 'roles.permissions'")
+        level, here = tree, mapper
+        for name in path.split("."):
+            prop = here.relationships.get(name)
+            if prop is None:
+                known = ", ".join(sorted(here.relationships.keys())) or "none"
+                raise ConfigError(
+                    "relationships", path, f"a relationship of {here.class_.__name__} (it has: {known})"
+                )
+            if prop.lazy in _UNLOADABLE:
+                raise ConfigError(
+                    "relationships", path, f"a relationship that can be loaded and held (lazy={prop.lazy!r} cannot)"
+                )
+            level = level.setdefault(name, {})
+            here = prop.mapper
+            targets.append(here.class_)
+    return tree, targets
