@@ -1,0 +1,374 @@
+"""Classification: which requests count as static, and why.
+
+Built on small real Flask apps; environs are raw WSGI dicts (the test client
+would normalise the paths we want to send).
+"""
+
+from __future__ import annotations
+
+import pytest
+from flask import Blueprint, Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+
+from identity_middleware.matching import CONFIRM_CACHE_SIZE, Classifier, canonical_problem
+
+
+def environ(path: str, method: str = "GET", host: str = "localhost") -> dict:
+    """A minimal WSGI environ; ``path`` is text, encoded the way servers put it in PATH_INFO."""
+    return {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
+        "QUERY_STRING": "",
+        "SERVER_NAME": host.split(":")[0],
+        "SERVER_PORT": "80",
+        "HTTP_HOST": host,
+        "wsgi.url_scheme": "http",
+    }
+
+
+def marked(classifier: Classifier, path: str, method: str = "GET", host: str = "localhost") -> bool:
+    return classifier.classify(environ(path, method, host))
+
+
+@pytest.fixture
+def app(tmp_path) -> Flask:
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "app.css").write_text("body {}")
+    (tmp_path / "widgets" / "static").mkdir(parents=True)
+    (tmp_path / "widgets" / "static" / "widget.css").write_text("p {}")
+    app = Flask("matching", root_path=str(tmp_path))
+    app.register_blueprint(
+        Blueprint("widgets", __name__, static_folder=str(tmp_path / "widgets" / "static"), url_prefix="/widgets")
+    )
+
+    @app.get("/static/config.js")
+    def config_js():
+        return "dynamic"
+
+    @app.get("/files/<name>")
+    def files(name):
+        return name
+
+    @app.get("/")
+    def index():
+        return "index"
+
+    return app
+
+
+# -- mounts ---------------------------------------------------------------------------
+
+
+def test_mounts_come_from_app_and_blueprint_static_rules(app):
+    classifier = Classifier(app)
+    assert classifier.mounts == {"/static/": "static", "/widgets/static/": "widgets.static"}
+
+
+def test_custom_static_url_path_is_the_mount(tmp_path):
+    (tmp_path / "public").mkdir()
+    app = Flask("custom", root_path=str(tmp_path), static_folder="public", static_url_path="/assets")
+    classifier = Classifier(app)
+    assert classifier.mounts == {"/assets/": "static"}
+    assert marked(classifier, "/assets/app.css")
+    assert not marked(classifier, "/static/app.css")
+
+
+def test_app_without_static_folder_has_no_mounts_and_marks_nothing(tmp_path):
+    app = Flask("nostatic", root_path=str(tmp_path), static_folder=None)
+    app.add_url_rule("/static/app.css", "css", lambda: "dynamic")
+    classifier = Classifier(app, ["/favicon.ico"])
+    assert classifier.mounts == {}
+    assert not marked(classifier, "/static/app.css")
+    assert marked(classifier, "/favicon.ico")
+
+
+def test_nested_blueprint_and_extension_statics_are_mounts(tmp_path):
+    (tmp_path / "fs").mkdir()
+    (tmp_path / "static").mkdir()
+    app = Flask("ext", root_path=str(tmp_path))
+    parent = Blueprint("parent", __name__, url_prefix="/parent")
+    parent.register_blueprint(
+        Blueprint("child", __name__, static_folder=str(tmp_path / "static"), url_prefix="/child")
+    )
+    app.register_blueprint(parent)
+    app.register_blueprint(
+        Blueprint("security", __name__, static_folder=str(tmp_path / "fs"), static_url_path="/fs-static")
+    )
+    classifier = Classifier(app)
+    assert classifier.mounts["/parent/child/static/"] == "parent.child.static"
+    assert classifier.mounts["/fs-static/"] == "security.static"
+    assert marked(classifier, "/parent/child/static/x.js")
+    assert marked(classifier, "/fs-static/js/webauthn.js")
+
+
+# -- the decisions --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/static/app.css", "/static/missing.css", "/static/sub/dir/a.js", "/widgets/static/widget.css"],
+)
+def test_paths_the_url_map_routes_to_a_static_endpoint_are_marked(app, path):
+    classifier = Classifier(app)
+    assert marked(classifier, path)
+    assert marked(classifier, path, "HEAD")
+    decision = classifier.explain(path)
+    assert decision.marked and decision.endpoint.endswith("static") and decision.mount
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/static-reports", "not under a static mount"),
+        ("/staticx/a.css", "not under a static mount"),
+        ("/STATIC/app.css", "not under a static mount"),
+        ("/static", "not under a static mount"),
+        ("/static//app.css", "'//'"),
+        ("/static/../admin/", "'..' segment"),
+        ("/static/./app.css", "'.' segment"),
+        ("/static/app.css/.", "'.' segment"),
+        ("/static/app.css/..", "'..' segment"),
+        ("/static/a\\..\\b", "backslash"),
+        ("/static/app.css\x00.js", "NUL"),
+        ("/static/config.js", "shadowed by rule '/static/config.js'"),
+        ("/files/evil.css", "not under a static mount"),
+        ("/", "not under a static mount"),
+    ],
+)
+def test_hostile_and_dynamic_paths_are_not_marked_and_say_why(app, path, reason):
+    classifier = Classifier(app)
+    assert not marked(classifier, path)
+    decision = classifier.explain(path)
+    assert not decision.marked
+    assert reason in decision.reason
+
+
+def test_shadowing_rule_is_named_in_the_decision(app):
+    decision = Classifier(app).explain("/static/config.js")
+    assert (decision.mount, decision.endpoint, decision.rule) == ("/static/", "config_js", "/static/config.js")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "get"])
+def test_only_get_and_head_are_marked(app, method):
+    classifier = Classifier(app, ["/favicon.ico"])
+    assert not marked(classifier, "/static/app.css", method)
+    assert not marked(classifier, "/favicon.ico", method)
+
+
+def test_dot_files_that_are_not_dot_segments_stay_static(app):
+    classifier = Classifier(app)
+    assert marked(classifier, "/static/.well-known/x.txt")
+    assert marked(classifier, "/static/app..css")
+
+
+def test_percent_sequences_are_literal_characters_as_werkzeug_sees_them(app):
+    # PATH_INFO is already decoded; werkzeug does not decode a literal "%2e" again,
+    # so Flask's static view looks up a file literally named "%2e%2e".
+    classifier = Classifier(app)
+    assert marked(classifier, "/static/%2e%2e/secret")
+    adapter = app.url_map.bind("localhost")
+    assert adapter.match("/static/%2e%2e/secret")[1] == {"filename": "%2e%2e/secret"}
+
+
+def test_static_url_path_empty_marks_files_but_never_pages(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("root", root_path=str(tmp_path), static_url_path="")
+    app.add_url_rule("/", "index", lambda: "index")
+    app.add_url_rule("/about", "about", lambda: "about")
+    app.add_url_rule("/users/<int:uid>", "user", lambda uid: "user")
+    classifier = Classifier(app)
+    assert classifier.mounts == {"/": "static"}
+    assert marked(classifier, "/app.css")
+    assert marked(classifier, "/js/app.js")
+    for page in ("/", "/about", "/users/3"):
+        assert not marked(classifier, page), page
+    assert "shadowed" in classifier.explain("/about").reason
+
+
+def test_strict_slash_redirects_are_not_marked(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("slash", root_path=str(tmp_path), static_url_path="")
+    app.add_url_rule("/docs/", "docs", lambda: "docs")
+    decision = Classifier(app).explain("/docs")
+    assert not decision.marked and "redirects" in decision.reason
+
+
+# -- listed paths ---------------------------------------------------------------------
+
+
+def test_listed_exact_paths_and_prefixes_are_marked_on_the_owners_word(app):
+    app.add_url_rule("/favicon.ico", "favicon", lambda: "icon")
+    classifier = Classifier(app, ["/favicon.ico", "/assets/"])
+    assert marked(classifier, "/favicon.ico")
+    assert classifier.explain("/favicon.ico").listed == "/favicon.ico"
+    assert marked(classifier, "/assets/build/app.js")
+    assert classifier.explain("/assets/build/app.js").listed == "/assets/"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/favicon.ico.bak", "/favicon.icon", "/FAVICON.ICO", "/assets", "/assetsx/a.js", "/assets//a.js", "/assets/../x"],
+)
+def test_listed_paths_are_exact_segment_bounded_and_canonical(app, path):
+    assert not marked(Classifier(app, ["/favicon.ico", "/assets/"]), path)
+
+
+def test_listing_works_without_a_flask_app():
+    classifier = Classifier(None, ["/favicon.ico", "/assets/"])
+    assert marked(classifier, "/favicon.ico")
+    assert marked(classifier, "/assets/a.css")
+    assert not marked(classifier, "/static/app.css")
+    assert not classifier.routed("/assets/a.css")
+
+
+# -- non-ASCII ------------------------------------------------------------------------
+
+
+def test_non_ascii_mount_matches_the_latin1_encoded_path_info(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("unicode", root_path=str(tmp_path), static_url_path="/stätic")
+    classifier = Classifier(app, ["/ïcon.ico"])
+    assert marked(classifier, "/stätic/é.css")
+    assert marked(classifier, "/ïcon.ico")
+    assert not marked(classifier, "/static/é.css")
+    assert classifier.explain("/stätic/é.css").marked
+
+
+def test_path_info_that_is_not_utf8_is_never_marked(app):
+    classifier = Classifier(app)
+    env = environ("/static/app.css")
+    env["PATH_INFO"] = "/static/\xff\xfe.css"  # bytes ff fe: not UTF-8
+    assert not classifier.classify(env)
+    assert canonical_problem("/static/\xff.css") == "is not valid UTF-8"
+
+
+# -- host and subdomain matching ------------------------------------------------------
+
+
+def test_host_matching_confirms_with_the_request_host(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("hosts", root_path=str(tmp_path), host_matching=True, static_host="cdn.example.com")
+    app.add_url_rule("/static/config.js", "config_js", lambda: "dynamic", host="www.example.com")
+    classifier = Classifier(app)
+    assert marked(classifier, "/static/app.css", host="cdn.example.com")
+    assert not marked(classifier, "/static/app.css", host="www.example.com")
+    assert not marked(classifier, "/static/config.js", host="www.example.com")
+    assert marked(classifier, "/static/config.js", host="cdn.example.com")
+    assert classifier.explain("/static/app.css", host="cdn.example.com").marked
+    without_host = classifier.explain("/static/app.css")
+    assert not without_host.marked and "host" in without_host.reason
+
+
+def test_subdomain_matching_confirms_with_the_request_host(tmp_path):
+    (tmp_path / "static").mkdir()
+    (tmp_path / "shop" / "static").mkdir(parents=True)
+    app = Flask("subdomains", root_path=str(tmp_path), subdomain_matching=True)
+    app.config["SERVER_NAME"] = "example.com"
+    app.register_blueprint(
+        Blueprint("shop", __name__, static_folder=str(tmp_path / "shop" / "static"), subdomain="shop", url_prefix="/s")
+    )
+    classifier = Classifier(app)
+    assert marked(classifier, "/s/static/a.css", host="shop.example.com")
+    assert not marked(classifier, "/s/static/a.css", host="example.com")
+    assert marked(classifier, "/static/a.css", host="example.com")
+    assert not marked(classifier, "/static/a.css", host="shop.example.com")
+
+
+def test_untrusted_host_is_never_marked(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("trusted", root_path=str(tmp_path), host_matching=True, static_host="cdn.example.com")
+    app.config["TRUSTED_HOSTS"] = ["www.example.com"]
+    assert not marked(Classifier(app), "/static/app.css", host="cdn.example.com")
+
+
+def test_server_name_without_subdomain_matching_ignores_the_host(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("servername", root_path=str(tmp_path))
+    app.config["SERVER_NAME"] = "example.com"
+    classifier = Classifier(app)
+    assert marked(classifier, "/static/app.css", host="other.test")
+
+
+# -- cost and bounds ------------------------------------------------------------------
+
+
+def test_dynamic_paths_are_rejected_without_consulting_the_url_map(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("many", root_path=str(tmp_path))
+    for i in range(1000):
+        app.add_url_rule(f"/r{i}/<int:x>", f"r{i}", lambda x: "")
+    classifier = Classifier(app)
+    for i in range(1000):
+        assert not marked(classifier, f"/r{i}/5")
+    assert classifier._marked.cache_info().currsize == 0
+    assert classifier._confirm.cache_info().currsize == 0
+
+
+def test_confirmation_cache_is_bounded(app):
+    classifier = Classifier(app)
+    for i in range(CONFIRM_CACHE_SIZE + 50):
+        assert marked(classifier, f"/static/f{i}.css")
+    assert classifier._marked.cache_info().currsize == CONFIRM_CACHE_SIZE
+
+
+def test_routed_confirms_text_paths_for_serve_mode(app):
+    classifier = Classifier(app)
+    assert classifier.routed("/static/app.css")
+    assert classifier.routed("/widgets/static/widget.css")
+    assert not classifier.routed("/static/config.js")
+    assert not classifier.routed("/static/../app.css")
+    assert not classifier.routed("/files/a.css")
+
+
+# -- the property ---------------------------------------------------------------------
+
+SEGMENTS = [
+    "static", "STATIC", "static-reports", "staticx", "widgets", "files", "assets", "app.css",
+    "config.js", "favicon.ico", "widget.css", ".", "..", "", "...", "%2e%2e", "%2F", "a\\b", "\\",
+    "\x00", "é", "\u2215", ";", "?x=.css", ".well-known", " ", "\t",
+]
+
+
+@st.composite
+def hostile_paths(draw) -> str:
+    segments = draw(st.lists(st.sampled_from(SEGMENTS) | st.text(max_size=4), min_size=0, max_size=5))
+    lead = draw(st.sampled_from(["/", "//", "", "/static/", "/widgets/static/", "/assets/"]))
+    return lead + "/".join(segments)
+
+
+def _flask_routes_to_static(app: Flask, env: dict) -> bool:
+    """What Flask itself does with this environ: the oracle for the property."""
+    ctx = app.request_context(dict(env))
+    try:
+        rule, _ = ctx.url_adapter.match(return_rule=True)
+    except (HTTPException, RequestRedirect):
+        return False
+    return rule.endpoint == "static" or rule.endpoint.endswith(".static")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=hostile_paths(), method=st.sampled_from(["GET", "HEAD", "POST"]))
+def test_every_marked_path_is_routed_to_a_static_endpoint_or_listed(app, path, method):
+    listed = ("/favicon.ico", "/assets/")
+    classifier = Classifier(app, listed)
+    env = environ(path, method)
+    if not classifier.classify(env):
+        return
+    assert method in ("GET", "HEAD")
+    assert canonical_problem(env["PATH_INFO"]) is None
+    is_listed = path in listed or path.startswith("/assets/")
+    assert is_listed or _flask_routes_to_static(app, env), path
+
+
+def test_hostile_path_strategy_reaches_marked_and_shadowed_paths(app):
+    # Guards the property above against passing vacuously.
+    from hypothesis import find
+
+    classifier = Classifier(app, ("/favicon.ico", "/assets/"))
+    search = settings(max_examples=5000, database=None)
+    assert find(hostile_paths(), lambda p: classifier.classify(environ(p)) and p.startswith("/widgets/"), settings=search)
+    assert find(hostile_paths(), lambda p: "shadowed" in classifier.explain(p).reason, settings=search)
