@@ -1,0 +1,434 @@
+"""The Flask-side hooks: a marked request loads no identity and writes no cookie.
+
+Against the example app (Flask-Login + Flask-Principal + SQLAlchemy, user cache
+off so every identity load shows as SQL) and small real apps built here for the
+situations the example does not cover. The naive app (no middleware) is run
+next to it where a contrast proves the assertion could fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import count_sql, log_in
+from flask import Blueprint, Flask, g, jsonify, session
+from flask_login import LoginManager, UserMixin, current_user, login_user
+from flask_principal import (
+    AnonymousIdentity,
+    Identity,
+    Permission,
+    Principal,
+    RoleNeed,
+    identity_changed,
+    identity_loaded,
+)
+
+from identity_middleware import IdentityMiddleware
+from identity_middleware.flask_hooks import principals_of, skip_identity_for_static_requests
+
+ASSETS = ["/static/app.css", "/static/app.js", "/widgets/static/widget.css", "/favicon.ico"]
+
+
+@pytest.fixture
+def app(sqlite_url):
+    from examples.app import create_app
+
+    return create_app(sqlite_url, cache=False)
+
+
+@pytest.fixture
+def naive(sqlite_url):
+    from examples.app import create_app
+
+    return create_app(sqlite_url, middleware=False, cache=False)
+
+
+# -- the example app, logged in --------------------------------------------------------
+
+
+def test_assets_of_a_logged_in_page_run_no_sql_no_loader_and_no_identity_loaded(app):
+    client = log_in(app.test_client())
+    stats = app.extensions["example"]
+    stats.loader_calls = stats.identity_loaded_calls = 0
+    with count_sql(stats.engine) as statements:
+        for path in ASSETS:
+            assert client.get(path).status_code == 200, path
+    assert statements == []
+    assert stats.loader_calls == 0
+    assert stats.identity_loaded_calls == 0
+
+
+def test_the_naive_app_loads_identity_for_every_asset(naive):
+    client = log_in(naive.test_client())
+    stats = naive.extensions["example"]
+    stats.loader_calls = 0
+    with count_sql(stats.engine) as statements:
+        for path in ASSETS:
+            client.get(path)
+    assert stats.loader_calls == len(ASSETS)
+    assert len(statements) >= 2 * len(ASSETS)
+
+
+def test_the_page_itself_still_loads_the_user_and_renders_roles(app):
+    client = log_in(app.test_client())
+    stats = app.extensions["example"]
+    stats.loader_calls = 0
+    with count_sql(stats.engine) as statements:
+        response = client.get("/")
+    assert b'<span id="roles">admin, editor</span>' in response.data
+    assert stats.loader_calls == 1
+    assert stats.identity_loaded_calls >= 1
+    assert len(statements) >= 2
+
+
+def test_admin_page_is_200_for_an_admin_and_403_for_an_editor(app):
+    assert log_in(app.test_client(), "alice@example.com").get("/admin").status_code == 200
+    assert log_in(app.test_client(), "bob@example.com").get("/admin").status_code == 403
+
+
+def test_static_responses_carry_no_set_cookie_and_no_vary_cookie(app, naive):
+    wrapped_client, naive_client = log_in(app.test_client()), log_in(naive.test_client())
+    for path in ASSETS:
+        response = wrapped_client.get(path)
+        assert "Set-Cookie" not in response.headers, path
+        assert "Cookie" not in response.vary, path
+    # The naive app shows what the hooks remove (Principal's session saver).
+    response = naive_client.get("/static/app.css")
+    assert "Set-Cookie" in response.headers and "Cookie" in response.vary
+
+
+def test_dynamic_responses_are_the_same_as_without_the_middleware(app, naive):
+    wrapped_client, naive_client = log_in(app.test_client()), log_in(naive.test_client())
+    for path in ("/me", "/", "/static/config.js", "/files/a.css", "/admin", "/static-reports"):
+        wrapped, plain = wrapped_client.get(path), naive_client.get(path)
+        assert wrapped.status_code == plain.status_code, path
+        if path == "/me":
+            assert {**wrapped.json, "pid": 0} == {**plain.json, "pid": 0}
+        else:
+            assert wrapped.data == plain.data, path
+        assert ("Set-Cookie" in wrapped.headers) == ("Set-Cookie" in plain.headers), path
+        assert wrapped.vary == plain.vary, path
+
+
+def test_session_keeps_working_across_static_requests(app):
+    client = log_in(app.test_client())
+    for path in ASSETS:
+        client.get(path)
+    assert client.get("/me").json["email"] == "alice@example.com"
+    client.get("/logout")
+    client.get("/static/app.css")
+    assert client.get("/me").json["anonymous"] is True
+
+
+# -- small apps -------------------------------------------------------------------------
+
+
+class User(UserMixin):
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+def make_app(tmp_path, *, wrap: str = "first", static_url_path=None, static_folder="static", **config):
+    """Login + Principal app with counters; ``wrap`` = 'first' (before the extensions), 'last' or 'no'."""
+    (tmp_path / "static").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "static" / "app.css").write_text("body {}")
+    app = Flask("hooks", root_path=str(tmp_path), static_url_path=static_url_path, static_folder=static_folder)
+    app.config.update(SECRET_KEY="test", **config)
+    calls = {"user_loader": 0, "request_loader": 0, "identity_loaded": 0}
+    app.extensions["calls"] = calls
+    if wrap == "first":
+        app.wsgi_app = IdentityMiddleware(app.wsgi_app, ["/favicon.ico", "/listed/"])
+    manager = LoginManager(app)
+
+    @manager.user_loader
+    def load_user(user_id):
+        calls["user_loader"] += 1
+        return User(user_id)
+
+    @manager.request_loader
+    def load_from_request(request):
+        calls["request_loader"] += 1
+        token = request.headers.get("X-Token")
+        return User(token) if token else None
+
+    Principal(app)
+
+    @identity_loaded.connect_via(app)
+    def on_identity_loaded(sender, identity):
+        calls["identity_loaded"] += 1
+        identity.user = current_user
+        if current_user.is_authenticated:
+            identity.provides.add(RoleNeed("admin"))
+
+    @app.get("/login")
+    def login():
+        login_user(User("7"), remember=True)
+        identity_changed.send(app, identity=Identity("7"))
+        return "ok"
+
+    @app.get("/")
+    def index():
+        return jsonify(anonymous=current_user.is_anonymous, identity=str(g.identity.id))
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return jsonify(
+            anonymous=current_user.is_anonymous,
+            user_class=type(current_user._get_current_object()).__name__,
+            identity_class=type(g.identity).__name__,
+        )
+
+    @app.get("/listed/session")
+    def listed_session():
+        seen = dict(session)
+        session["written"] = "by a static request"
+        session.pop("theme", None)
+        return jsonify(seen=seen)
+
+    @app.get("/listed/admin")
+    @Permission(RoleNeed("admin")).require(http_exception=403)
+    def listed_admin():
+        return "admin only"
+
+    @app.get("/theme")
+    def theme():
+        session["theme"] = "dark"
+        return "ok"
+
+    @app.get("/session")
+    def show_session():
+        return jsonify(dict(session))
+
+    if wrap == "last":
+        app.wsgi_app = IdentityMiddleware(app.wsgi_app, ["/favicon.ico", "/listed/"])
+    return app
+
+
+@pytest.mark.parametrize("wrap", ["first", "last"])
+def test_wrapping_before_or_after_the_extensions_are_initialised(tmp_path, wrap):
+    app = make_app(tmp_path, wrap=wrap)
+    client = app.test_client()
+    client.get("/login")
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0, identity_loaded=0)
+    assert client.get("/static/app.css").status_code == 200
+    assert client.get("/favicon.ico").json == {
+        "anonymous": True,
+        "user_class": "AnonymousUserMixin",
+        "identity_class": "AnonymousIdentity",
+    }
+    assert calls == {"user_loader": 0, "request_loader": 0, "identity_loaded": 0}
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}
+    assert calls["user_loader"] == 1 and calls["identity_loaded"] == 1
+    assert app.before_request_funcs[None][0] is skip_identity_for_static_requests
+
+
+def test_remember_cookie_and_request_loader_do_not_run_for_static_requests(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    client.get("/login")
+    client.delete_cookie("session")  # only the remember-me cookie is left
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0, request_loader=0, identity_loaded=0)
+    response = client.get("/static/app.css", headers={"X-Token": "9"})
+    assert calls == {"user_loader": 0, "request_loader": 0, "identity_loaded": 0}
+    assert "Set-Cookie" not in response.headers
+    assert client.get("/").json["anonymous"] is False  # the cookie logs the user back in
+    assert calls["user_loader"] == 1
+    token_client = app.test_client()  # no cookies: only the request loader could log in
+    assert token_client.get("/favicon.ico", headers={"X-Token": "9"}).json["anonymous"] is True
+    assert calls["request_loader"] == 0
+    assert token_client.get("/", headers={"X-Token": "9"}).json["anonymous"] is False
+    assert calls["request_loader"] == 1
+
+
+def test_remember_cookie_refresh_each_request_skips_static_responses(tmp_path):
+    wrapped = make_app(tmp_path / "wrapped", REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
+    naive = make_app(tmp_path / "naive", wrap="no", REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
+    for app, expect_cookie in ((wrapped, False), (naive, True)):
+        client = app.test_client()
+        client.get("/login")
+        response = client.get("/static/app.css")
+        assert ("remember_token" in response.headers.get("Set-Cookie", "")) is expect_cookie
+    client = wrapped.test_client()
+    client.get("/login")
+    assert "remember_token" in client.get("/").headers.get("Set-Cookie", "")
+
+
+def test_static_request_session_is_readable_writable_and_never_saved(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    client.get("/login")
+    client.get("/theme")
+    before = client.get("/session").json
+    assert before["theme"] == "dark" and "_user_id" in before and "identity.id" in before
+    response = client.get("/listed/session")
+    assert response.status_code == 200
+    # Non-identity data is visible; identity keys are not (the user is anonymous here).
+    assert response.json["seen"] == {"theme": "dark"}
+    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    assert client.get("/session").json == before  # the write was not persisted
+
+
+def test_permission_in_a_listed_view_is_refused_not_an_error(tmp_path):
+    client = make_app(tmp_path).test_client()
+    client.get("/login")
+    assert client.get("/listed/admin").status_code == 403  # g.identity is set, and anonymous
+
+
+def test_custom_anonymous_user_class_is_used(tmp_path):
+    app = make_app(tmp_path)
+
+    class Guest(UserMixin):
+        is_anonymous = True
+        is_authenticated = False
+
+    app.login_manager.anonymous_user = Guest
+    client = app.test_client()
+    client.get("/login")
+    assert client.get("/favicon.ico").json["user_class"] == "Guest"
+
+
+def test_static_url_path_empty_keeps_pages_logged_in(tmp_path):
+    app = make_app(tmp_path, static_url_path="")
+    client = app.test_client()
+    client.get("/login")
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0)
+    assert client.get("/app.css").data == b"body {}"
+    assert calls["user_loader"] == 0
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}
+    assert client.get("/session").json["_user_id"] == "7"
+    assert calls["user_loader"] == 2
+
+
+def test_static_folder_none_does_not_crash_and_listed_paths_still_skip(tmp_path):
+    app = make_app(tmp_path, static_folder=None)
+    client = app.test_client()
+    client.get("/login")
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0)
+    assert client.get("/static/app.css").status_code == 404
+    assert calls["user_loader"] == 1  # not static: identity loaded as usual
+    assert client.get("/favicon.ico").json["anonymous"] is True
+    assert calls["user_loader"] == 1
+
+
+def test_blueprint_static_registered_after_wrapping_skips_identity(tmp_path):
+    app = make_app(tmp_path)
+    (tmp_path / "late" / "static").mkdir(parents=True)
+    (tmp_path / "late" / "static" / "late.css").write_text("p {}")
+    app.register_blueprint(Blueprint("late", __name__, static_folder=str(tmp_path / "late" / "static"), url_prefix="/late"))
+    client = app.test_client()
+    client.get("/login")
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0, identity_loaded=0)
+    assert client.get("/late/static/late.css").status_code == 200
+    assert calls["user_loader"] == calls["identity_loaded"] == 0
+
+
+# -- Principal --------------------------------------------------------------------------
+
+
+def test_every_principal_of_the_app_is_wrapped_once(tmp_path):
+    app = make_app(tmp_path)
+    second = Principal(app)
+    loaded = []
+    second.identity_loader(lambda: loaded.append(1))
+    client = app.test_client()
+    client.get("/login")
+    loaded.clear()
+    client.get("/static/app.css")
+    assert loaded == []
+    client.get("/")
+    assert loaded == [1]
+    principals = principals_of(app)
+    assert len(principals) == 2
+    app.wsgi_app.rebuild()
+    app.wsgi_app.rebuild()
+    for principal in principals:
+        wrapper = principal.__dict__["_is_static_route"]
+        assert getattr(wrapper, "__identity_middleware_wrapped__")
+        # rebuilding did not wrap the wrapper: its closure holds Principal's own method
+        assert wrapper.__closure__[0].cell_contents.__func__ is Principal._is_static_route
+
+
+def test_principal_skip_static_keeps_its_own_meaning(tmp_path):
+    # Principal's prefix test calls /static-reports static; the middleware does not
+    # fix or change that for unmarked requests, it only adds marked ones.
+    results = {}
+    for wrap in ("first", "no"):
+        app = make_app(tmp_path / wrap, wrap=wrap)
+        principal = principals_of(app)[0]
+        principal.skip_static = True
+
+        @app.get("/static-reports")
+        def reports():
+            return jsonify(has_identity=hasattr(g, "identity"))
+
+        client = app.test_client()
+        client.get("/login")
+        results[wrap] = client.get("/static-reports").json
+    assert results["first"] == results["no"] == {"has_identity": False}
+
+
+def test_identity_changed_during_a_static_request_is_ignored(tmp_path):
+    app = make_app(tmp_path)
+
+    @app.get("/listed/switch")
+    def switch():
+        identity_changed.send(app, identity=Identity("99"))
+        return jsonify(identity=str(g.identity.id), cls=type(g.identity).__name__)
+
+    client = app.test_client()
+    client.get("/login")
+    assert client.get("/listed/switch").json == {"identity": "None", "cls": "AnonymousIdentity"}
+    assert client.get("/").json["identity"] == "7"
+
+
+# -- startup checks ---------------------------------------------------------------------
+
+
+def test_missing_principal_internal_fails_at_construction(tmp_path, monkeypatch):
+    app = Flask("missing", root_path=str(tmp_path))
+    monkeypatch.delattr(Principal, "_is_static_route")
+    with pytest.raises(RuntimeError, match=r"Flask-Principal 0\.4\.0.*_is_static_route is missing"):
+        IdentityMiddleware(app.wsgi_app)
+
+
+def test_flask_login_without_the_g_seam_fails_at_construction(tmp_path, monkeypatch):
+    import flask_login.utils
+
+    def _get_user():  # a version that keeps the user somewhere else
+        return None
+
+    monkeypatch.setattr(flask_login.utils, "_get_user", _get_user)
+    with pytest.raises(RuntimeError, match=r"Flask-Login 0\.6\.3.*_get_user does not read g\._login_user"):
+        IdentityMiddleware(Flask("missing", root_path=str(tmp_path)).wsgi_app)
+
+
+def test_principal_subclass_that_ignores_the_seam_fails_at_first_request(tmp_path):
+    class EagerPrincipal(Principal):
+        def _on_before_request(self):
+            g.identity = AnonymousIdentity()
+
+    app = Flask("eager", root_path=str(tmp_path))
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app)
+    EagerPrincipal(app)
+    with pytest.raises(RuntimeError, match=r"EagerPrincipal\._on_before_request no longer consults"):
+        app.test_client().get("/")
+
+
+def test_session_interface_whose_null_session_is_not_a_dict_fails_at_first_request(tmp_path):
+    from flask.sessions import SecureCookieSessionInterface
+
+    class Odd:
+        pass
+
+    class OddInterface(SecureCookieSessionInterface):
+        null_session_class = Odd
+
+    app = Flask("odd", root_path=str(tmp_path))
+    app.session_interface = OddInterface()
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app)
+    with pytest.raises(RuntimeError, match="null_session_class"):
+        app.test_client().get("/")
