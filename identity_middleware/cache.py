@@ -164,24 +164,17 @@ def _on_hit_for(loader: Callable[[Any], Any]) -> Callable[[Any], None] | None:
 if _cv_request is None:  # pragma: no cover -- only on a Flask without the context variables
     import flask
 
-    class _RequestProbe:
-        @staticmethod
-        def get(default: Any) -> Any:
-            return True if flask.has_request_context() else default
+    class _ContextProbe:
+        """Stands in for the context variables: ``get`` -> a truthy object or ``default``."""
 
-    _cv_request = _RequestProbe()
+        def __init__(self, probe: Callable[[], bool], current: Callable[[], Any]) -> None:
+            self.probe, self.current = probe, current
 
-    def _record(outcome: str, started: float) -> None:
-        flask.g._identity_cache_outcome = outcome
-        flask.g._identity_cache_seconds = time.perf_counter() - started
+        def get(self, default: Any = None) -> Any:
+            return self.current() if self.probe() else default
 
-else:
-
-    def _record(outcome: str, started: float, _app_ctx=_cv_app, _clock=time.perf_counter) -> None:
-        """Leave the outcome and duration of this get in ``g`` for the Server-Timing header."""
-        g = _app_ctx.get().g
-        g._identity_cache_outcome = outcome
-        g._identity_cache_seconds = _clock() - started
+    _cv_request = _ContextProbe(flask.has_request_context, lambda: True)
+    _cv_app = _ContextProbe(flask.has_app_context, flask.app_ctx._get_current_object)
 
 
 def _build_store(spec: str) -> VersionStore:
@@ -370,6 +363,7 @@ class UserCache:
         loader: Callable[[Any], Any],
         on_hit: Callable[[Any], None] | None,
         _request=_cv_request,
+        _app=_cv_app,
         _clock=time.perf_counter,
     ) -> Any:
         key = str(user_id)
@@ -377,29 +371,30 @@ class UserCache:
         if in_request:
             started = _clock()
         entry = self._entries_get(key)
-        if entry is not None:
-            stored, stamp, expires = entry
-            if self._timer() < expires and stamp == self._stamp(key):
-                try:
-                    self._move_to_end(key)
-                except KeyError:  # evicted by another thread since our get: harmless
-                    pass
-                next(self._hits)
-                if stored is None:
-                    next(self._negative_hits)
-                    if in_request:
-                        _record("negative", started)
-                    return None
+        if entry is not None and self._timer() < entry[2] and entry[1] == self._stamp(key):
+            try:
+                self._move_to_end(key)
+            except KeyError:  # evicted by another thread since our get: harmless
+                pass
+            next(self._hits)
+            stored = entry[0]
+            if stored is None:
+                next(self._negative_hits)
+                value, outcome = None, "negative"
+            else:
                 adapter = self.adapter
                 value = stored if adapter is None else adapter.from_cache(stored)
                 if on_hit is not None:
                     on_hit(value)
-                if in_request:
-                    _record("hit", started)
-                return value
-        value, outcome = self._load(key, user_id, loader, on_hit)
+                outcome = "hit"
+        else:
+            value, outcome = self._load(key, user_id, loader, on_hit)
         if in_request:
-            _record(outcome, started)
+            # For the Server-Timing header (timing.py). Written to g's __dict__ directly:
+            # g's own __setattr__ is a Python method and would double the cost of a hit.
+            namespace = _app.get().g.__dict__
+            namespace["_identity_cache_outcome"] = outcome
+            namespace["_identity_cache_seconds"] = _clock() - started
         return value
 
     # -- the miss path: single flight -----------------------------------------------------
