@@ -43,7 +43,6 @@ import copy
 import datetime
 import decimal
 import enum
-import itertools
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence

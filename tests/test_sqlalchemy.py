@@ -1,0 +1,606 @@
+"""bind_sqlalchemy: cached users that behave like freshly loaded ones.
+
+Plain SQLAlchemy 2 models on a SQLite file, the real UserCache, SQL counted with
+``before_cursor_execute``. The Flask-SQLAlchemy example app is exercised in
+test_sqlalchemy_invalidation.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+from sqlalchemy import JSON, Column, ForeignKey, String, Table, create_engine, delete, insert, select, text, update
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    scoped_session,
+    selectinload,
+    sessionmaker,
+)
+from sqlalchemy import inspect
+
+from conftest import count_sql
+from identity_middleware import ConfigError, UserCache
+from identity_middleware.sqlalchemy import bind_sqlalchemy
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+user_roles = Table(
+    "user_roles",
+    Base.metadata,
+    Column("user_id", ForeignKey("users.id"), primary_key=True),
+    Column("role_id", ForeignKey("roles.id"), primary_key=True),
+)
+
+
+class Team(Base):
+    __tablename__ = "teams"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Permission(Base):
+    __tablename__ = "permissions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    role_id: Mapped[int] = mapped_column(ForeignKey("roles.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Role(Base):
+    __tablename__ = "roles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    users: Mapped[list[User]] = relationship(secondary=user_roles, back_populates="roles")
+    permissions: Mapped[list[Permission]] = relationship(order_by=Permission.id)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(100))
+    active: Mapped[bool] = mapped_column(default=True)
+    prefs: Mapped[dict] = mapped_column(JSON, default=dict)
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"))
+    team: Mapped[Team | None] = relationship()
+    roles: Mapped[list[Role]] = relationship(secondary=user_roles, back_populates="users", order_by=Role.id)
+    tokens: Mapped[list[Token]] = relationship(lazy="dynamic")
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+    a: Mapped[int] = mapped_column(primary_key=True)
+    b: Mapped[int] = mapped_column(primary_key=True)
+
+
+class World:
+    """One database, one scoped session, one cache bound to it, one counting loader."""
+
+    def __init__(self, path, relationships=("roles",), related=()) -> None:
+        self.engine = create_engine(f"sqlite:///{path}")
+        Base.metadata.create_all(self.engine)
+        with Session(self.engine) as s:
+            admin, editor = Role(id=1, name="admin"), Role(id=2, name="editor")
+            admin.permissions = [Permission(id=1, name="manage")]
+            s.add_all(
+                [
+                    User(id=1, email="alice@x", roles=[admin, editor], prefs={"theme": "dark"}, team=Team(id=1, name="core")),
+                    User(id=2, email="bob@x", roles=[editor]),
+                    User(id=3, email="carol@x", active=False),
+                ]
+            )
+            s.commit()
+        self.factory = sessionmaker(self.engine)
+        self.db = scoped_session(self.factory)
+        self.cache = UserCache(ttl=300, negative_ttl=60)
+        self.loads: list[str] = []
+        self.binding = bind_sqlalchemy(self.cache, self.db, User, relationships=relationships, related=related)
+
+    def loader(self, user_id):
+        self.loads.append(str(user_id))
+        user = self.db.get(User, int(user_id))
+        return user if user is not None and user.active else None
+
+    def get(self, user_id=1):
+        return self.cache.get(user_id, self.loader)
+
+    def request(self, user_id=1):
+        """What one request sees: a fresh scoped session, then the user."""
+        self.db.remove()
+        return self.get(user_id)
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    yield w
+    w.binding.remove()
+    w.db.remove()
+    w.engine.dispose()
+
+
+# -- what a hit hands out -----------------------------------------------------------------
+
+
+def test_hit_is_attached_to_the_current_session_with_roles_readable_without_sql(world):
+    world.request()
+    session = world.db()
+    with count_sql(world.engine) as statements:
+        user = world.request()
+        names = [role.name for role in user.roles]
+    assert statements == []
+    assert names == ["admin", "editor"]
+    assert world.loads == ["1"]
+    state = inspect(user)
+    assert state.persistent and state.session is world.db() and state.session is not session
+    assert not world.db().is_modified(user) and not world.db().dirty
+
+
+def test_no_detached_instance_error_after_the_loading_session_committed_and_closed(world):
+    world.get()
+    world.db.commit()  # expires everything the loading session holds
+    world.db.remove()  # and detaches it
+    user = world.request()
+    assert [role.name for role in user.roles] == ["admin", "editor"]
+    assert user.email == "alice@x"
+
+
+def test_each_session_gets_its_own_object_and_one_session_always_the_same(world):
+    first = world.request()
+    again = world.get()
+    assert again is first  # same session: the identity map's object, as session.get would
+    other = world.request()
+    assert other is not first and other.roles[0] is not first.roles[0]
+
+
+def test_hit_returns_the_sessions_own_object_when_it_already_holds_the_user(world):
+    world.request()
+    world.db.remove()
+    mine = world.db.get(User, 1)
+    mine.email = "pending@x"  # an unflushed change of this request
+    with count_sql(world.engine) as statements:
+        user = world.get()
+    assert statements == []
+    assert user is mine and user.email == "pending@x"
+
+
+def test_roles_already_in_the_session_are_reused_and_keep_their_pending_changes(world):
+    world.request()
+    world.db.remove()
+    role = world.db.get(Role, 2)
+    role.name = "writer"  # pending; merge(load=False) would overwrite this from the cache
+    user = world.get()
+    assert user.roles[1] is role and role.name == "writer"
+    world.db.commit()
+    world.db.remove()
+    assert world.db.get(Role, 2).name == "writer"
+
+
+def test_a_hit_can_be_modified_and_committed(world):
+    world.request()
+    user = world.request()
+    user.email = "new@x"
+    user.roles.remove(user.roles[0])
+    world.db.commit()
+    world.db.remove()
+    fresh = world.db.get(User, 1)
+    assert fresh.email == "new@x" and [r.name for r in fresh.roles] == ["editor"]
+    assert world.request().email == "new@x"
+    assert world.loads == ["1", "1"]
+
+
+def test_mutable_column_values_are_copied_per_caller(world):
+    world.request()
+    user = world.request()
+    user.prefs["theme"] = "light"  # in place, never flushed
+    assert world.request().prefs == {"theme": "dark"}
+
+
+def test_none_passes_through_as_a_negative_entry(world):
+    assert world.request(3) is None
+    assert world.request(3) is None
+    assert world.request(99) is None
+    assert world.loads == ["3", "99"]
+    assert world.cache.stats().negative_hits == 1
+
+
+def test_overlapping_callers_each_get_a_distinct_object(world):
+    world.request()
+    barrier = threading.Barrier(8)
+    results: list = []
+    errors: list = []
+
+    def worker() -> None:
+        try:
+            world.db.remove()
+            barrier.wait(timeout=10)
+            user = world.get()
+            barrier.wait(timeout=10)  # everyone holds its user at the same time
+            results.append((user, inspect(user).session, [r.name for r in user.roles]))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            world.db.remove()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert len({id(user) for user, _, _ in results}) == 8
+    assert len({id(session) for _, session, _ in results}) == 8
+    assert all(names == ["admin", "editor"] for _, _, names in results)
+    assert world.loads == ["1"]
+
+
+def test_nested_relationships_and_many_to_one_are_loaded_once_and_served_without_sql(tmp_path):
+    w = World(tmp_path / "db.sqlite", relationships=("roles", "roles.permissions", "team"))
+    try:
+        w.request()
+        with count_sql(w.engine) as statements:
+            user = w.request()
+            seen = (user.team.name, [(r.name, [p.name for p in r.permissions]) for r in user.roles])
+        assert statements == []
+        assert seen == ("core", [("admin", ["manage"]), ("editor", [])])
+    finally:
+        w.binding.remove()
+        w.db.remove()
+
+
+def test_relationships_not_named_still_lazy_load_through_the_session(world):
+    world.request()
+    user = world.request()
+    with count_sql(world.engine) as statements:
+        assert user.team.name == "core"
+    assert len(statements) == 1
+
+
+def test_loader_that_sees_its_own_uncommitted_change_does_not_poison_the_cache(world):
+    world.db.remove()
+    mine = world.db.get(User, 1)
+    mine.email = "uncommitted@x"
+    world.db.flush()  # in the database, inside this transaction only
+    assert world.get().email == "uncommitted@x"  # this session's view
+    world.db.rollback()
+    assert world.request().email == "alice@x"
+    assert world.loads == ["1", "1"]
+
+
+# -- invalidation after commit ----------------------------------------------------------------
+
+
+def _warm(world, *ids):
+    for user_id in ids:
+        world.request(user_id)
+    world.db.remove()
+    world.loads.clear()
+
+
+def test_committed_update_of_a_user_reloads_only_that_user(world):
+    _warm(world, 1, 2)
+    world.db.get(User, 2).email = "robert@x"
+    world.db.commit()
+    assert world.request(2).email == "robert@x"
+    world.request(1)
+    assert world.loads == ["2"]
+
+
+def test_flush_then_rollback_invalidates_nothing(world):
+    _warm(world, 1)
+    world.db.get(User, 1).email = "never@x"
+    world.db.get(Role, 1).name = "never"
+    world.db.flush()
+    world.db.rollback()
+    world.db.get(Team, 1).name = "platform"  # same session, a later transaction
+    world.db.commit()
+    assert world.request(1).email == "alice@x"
+    assert world.loads == []
+
+
+def test_granting_a_role_through_the_collection_reloads_the_user(world):
+    _warm(world, 2)
+    bob = world.db.get(User, 2)
+    bob.roles.append(world.db.get(Role, 1))
+    world.db.commit()
+    assert [r.name for r in world.request(2).roles] == ["admin", "editor"]
+    assert world.loads == ["2"]
+
+
+def test_adding_a_user_through_the_roles_side_reloads_exactly_that_user(world):
+    _warm(world, 1, 2)
+    admin = world.db.get(Role, 1)
+    admin.users.append(world.db.get(User, 2))
+    world.db.commit()
+    world.request(1)
+    assert [r.name for r in world.request(2).roles] == ["admin", "editor"]
+    assert world.loads == ["2"]
+
+
+def test_renaming_a_role_reloads_everyone(world):
+    _warm(world, 1, 2)
+    world.db.get(Role, 2).name = "writer"
+    world.db.commit()
+    assert [r.name for r in world.request(1).roles] == ["admin", "writer"]
+    assert [r.name for r in world.request(2).roles] == ["writer"]
+    assert world.loads == ["1", "2"]
+
+
+def test_inserting_a_user_clears_its_negative_entry(world):
+    assert world.request(7) is None
+    world.db.add(User(id=7, email="new@x"))
+    world.db.commit()
+    assert world.request(7).email == "new@x"
+
+
+def test_deleting_a_user_reloads_it(world):
+    _warm(world, 2)
+    world.db.delete(world.db.get(User, 2))
+    world.db.commit()
+    assert world.request(2) is None
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        update(User).where(User.id == 2).values(email="bulk@x"),
+        update(Role).where(Role.id == 2).values(name="bulk"),
+        delete(User).where(User.id == 2),
+        insert(User).values(id=9, email="nine@x"),
+    ],
+    ids=["update-user", "update-role", "delete-user", "insert-user"],
+)
+def test_orm_bulk_statements_on_watched_models_reload_everyone(world, statement):
+    _warm(world, 1, 2)
+    world.db.execute(statement)
+    world.db.commit()
+    world.request(1)
+    world.request(2)
+    assert world.loads == ["1", "2"]
+
+
+def test_bulk_update_is_seen_by_the_next_request(world):
+    _warm(world, 2)
+    world.db.execute(update(User).where(User.id == 2).values(active=False))
+    world.db.commit()
+    assert world.request(2) is None
+
+
+def test_changes_to_unwatched_models_and_plain_reads_invalidate_nothing(world):
+    _warm(world, 1)
+    world.db.get(Team, 1).name = "platform"
+    world.db.execute(select(User)).all()
+    world.db.commit()
+    world.request(1)
+    assert world.loads == []
+
+
+def test_raw_sql_is_not_seen_which_is_documented(world):
+    _warm(world, 2)
+    world.db.execute(text("UPDATE users SET email = 'raw@x' WHERE id = 2"))
+    world.db.commit()
+    assert world.request(2).email == "bob@x"  # cached: call invalidate() after raw SQL
+    world.cache.invalidate(2)
+    assert world.request(2).email == "raw@x"
+
+
+def test_a_released_savepoint_waits_for_the_outer_commit(world):
+    _warm(world, 2)
+    with world.db.begin_nested():
+        world.db.get(User, 2).email = "inner@x"
+    world.get(2)
+    assert world.loads == []  # released, not committed: nothing invalidated yet
+    world.db.commit()
+    assert world.request(2).email == "inner@x"
+
+
+def test_a_rolled_back_savepoint_is_conservatively_kept_until_the_outer_transaction_ends(world):
+    _warm(world, 2)
+    nested = world.db.begin_nested()
+    world.db.get(User, 2).email = "inner@x"
+    world.db.flush()
+    nested.rollback()
+    world.db.commit()  # one unneeded reload: cheaper than tracking savepoint scopes
+    assert world.request(2).email == "bob@x"
+    assert world.loads == ["2"]
+    world.loads.clear()
+    nested = world.db.begin_nested()
+    world.db.get(User, 2).email = "inner@x"
+    world.db.flush()
+    nested.rollback()
+    world.db.rollback()  # the outer rollback drops it all
+    world.request(2)
+    assert world.loads == []
+
+
+def test_listeners_are_scoped_to_the_bound_factory(world):
+    _warm(world, 2)
+    with Session(world.engine) as other:  # not from the bound sessionmaker
+        other.get(User, 2).email = "elsewhere@x"
+        other.commit()
+    assert world.request(2).email == "bob@x"
+    assert world.loads == []
+
+
+def test_remove_detaches_listeners_unsets_the_adapter_and_clears(world):
+    _warm(world, 2)
+    world.binding.remove()
+    assert world.cache.adapter is None and world.cache.stats().size == 0
+    world.cache.get(2, lambda _id: "plain")
+    before = world.cache.stats().invalidations
+    world.db.get(User, 2).email = "after-remove@x"
+    world.db.commit()
+    assert world.cache.stats().invalidations == before
+    assert world.cache.get(2, lambda _id: "never") == "plain"
+    world.binding.remove()  # idempotent
+
+
+# -- the kinds of session ---------------------------------------------------------------------
+
+
+def test_a_plain_session_receives_the_hits(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+    session = Session(w.engine)
+    binding = bind_sqlalchemy(w.cache, session, User, relationships=("roles",))
+    loads = []
+
+    def loader(user_id):
+        loads.append(user_id)
+        return session.get(User, int(user_id))
+
+    try:
+        w.cache.get(1, loader)
+        session.close()
+        user = w.cache.get(1, loader)
+        assert inspect(user).session is session and [r.name for r in user.roles] == ["admin", "editor"]
+        user.email = "plain@x"
+        session.commit()
+        session.close()
+        assert w.cache.get(1, loader).email == "plain@x"
+        assert len(loads) == 2
+    finally:
+        binding.remove()
+        session.close()
+
+
+def test_a_sessionmaker_hands_out_detached_users_unless_told_the_current_session(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+
+    def loader(user_id):
+        with w.factory() as s:  # the loader closes its session: its result is detached
+            return s.scalars(select(User).where(User.id == int(user_id)).options(selectinload(User.roles))).one()
+
+    binding = bind_sqlalchemy(w.cache, w.factory, User, relationships=("roles",))
+    try:
+        w.cache.get(1, loader)
+        first, second = w.cache.get(1, loader), w.cache.get(1, loader)
+        assert first is not second and inspect(first).detached
+        assert [r.name for r in first.roles] == ["admin", "editor"]
+        with w.factory() as s:  # a commit in a session of that factory is seen
+            s.get(User, 1).email = "changed@x"
+            s.commit()
+        assert w.cache.get(1, loader).email == "changed@x"
+    finally:
+        binding.remove()
+    mine = w.factory()
+    binding = bind_sqlalchemy(w.cache, w.factory, User, relationships=("roles",), current_session=lambda: mine)
+    try:
+        w.cache.get(1, loader)
+        assert inspect(w.cache.get(1, loader)).session is mine
+    finally:
+        binding.remove()
+        mine.close()
+
+
+def test_loader_returning_a_detached_user_without_roles_fails_with_a_clear_message(tmp_path):
+    from sqlalchemy.orm.exc import DetachedInstanceError
+
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+    binding = bind_sqlalchemy(w.cache, w.factory, User, relationships=("roles",))
+
+    def loader(user_id):
+        with w.factory() as s:
+            return s.get(User, int(user_id))
+
+    try:
+        with pytest.raises(DetachedInstanceError, match="selectinload"):
+            w.cache.get(1, loader)
+    finally:
+        binding.remove()
+
+
+# -- configuration errors ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def parts(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    yield UserCache(), scoped_session(sessionmaker(engine))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"relationships": ("rolez",)}, "relationships"),
+        ({"relationships": ("roles.nope",)}, "relationships"),
+        ({"relationships": ("tokens",)}, "relationships"),
+        ({"related": (object,)}, "related"),
+        ({"user_id": "id"}, "user_id"),
+    ],
+)
+def test_bad_options_raise_config_error_naming_them(parts, kwargs, name):
+    cache, db = parts
+    with pytest.raises(ConfigError) as info:
+        bind_sqlalchemy(cache, db, User, **kwargs)
+    assert info.value.name == name
+    assert cache.adapter is None
+
+
+def test_unknown_relationship_error_lists_the_real_ones(parts):
+    cache, db = parts
+    with pytest.raises(ConfigError, match="roles"):
+        bind_sqlalchemy(cache, db, User, relationships=("rolez",))
+
+
+def test_an_unmapped_user_model_and_a_composite_key_without_user_id_are_refused(parts):
+    cache, db = parts
+    with pytest.raises(ConfigError) as info:
+        bind_sqlalchemy(cache, db, dict)
+    assert info.value.name == "user_model"
+    with pytest.raises(ConfigError) as info:
+        bind_sqlalchemy(cache, db, Pair)
+    assert info.value.name == "user_id"
+    binding = bind_sqlalchemy(cache, db, Pair, user_id=lambda pair: f"{pair.a}:{pair.b}")
+    binding.remove()
+
+
+def test_something_that_is_not_a_session_is_a_type_error(parts):
+    cache, db = parts
+    with pytest.raises(TypeError, match="sessionmaker"):
+        bind_sqlalchemy(cache, lambda: db(), User)
+    with pytest.raises(TypeError, match="current_session"):
+        bind_sqlalchemy(cache, db, User, current_session="db")
+
+
+def test_a_cache_is_bound_once(parts):
+    cache, db = parts
+    binding = bind_sqlalchemy(cache, db, User)
+    with pytest.raises(ConfigError) as info:
+        bind_sqlalchemy(cache, db, User)
+    assert info.value.name == "user_cache.adapter"
+    binding.remove()
+    bind_sqlalchemy(cache, db, User).remove()
+
+
+def test_the_loader_must_return_the_bound_model(parts):
+    cache, db = parts
+    binding = bind_sqlalchemy(cache, db, User)
+    try:
+        with pytest.raises(TypeError, match="User"):
+            cache.get(1, lambda _id: {"id": 1})
+    finally:
+        binding.remove()
+
+
+def test_the_root_package_does_not_import_sqlalchemy():
+    code = "import sys, identity_middleware; print('sqlalchemy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
