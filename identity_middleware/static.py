@@ -119,7 +119,6 @@ from werkzeug.http import (
     parse_range_header,
 )
 from werkzeug.utils import get_content_type
-from werkzeug.wsgi import wrap_file
 
 from .config import ConfigError
 
@@ -145,6 +144,7 @@ _CONDITIONAL_KEYS = (
     "HTTP_IF_MATCH",
     "HTTP_IF_UNMODIFIED_SINCE",
 )
+_UNLISTED = 1e-6  # the q-value of an identity coding the client did not mention
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _UNSET: Any = object()
 
@@ -208,12 +208,17 @@ class _File:
 
 
 class _FileSlice:
-    """Iterate over ``length`` bytes of an open file from ``start``; ``close()`` closes it."""
+    """Iterate over ``length`` bytes of an open file from ``start``.
+
+    The file is closed as soon as the last block is read, and by ``close()``,
+    which servers call also when the client went away mid-body.
+    """
 
     __slots__ = ("_file", "_remaining", "_block")
 
     def __init__(self, file: Any, start: int, length: int, block: int) -> None:
-        file.seek(start)
+        if start:
+            file.seek(start)
         self._file = file
         self._remaining = length
         self._block = block
@@ -222,13 +227,13 @@ class _FileSlice:
         return self
 
     def __next__(self) -> bytes:
-        if self._remaining <= 0:
-            raise StopIteration
-        data = self._file.read(min(self._block, self._remaining))
-        if not data:
-            raise StopIteration
-        self._remaining -= len(data)
-        return data
+        if self._remaining > 0:
+            data = self._file.read(min(self._block, self._remaining))
+            if data:
+                self._remaining -= len(data)
+                return data
+        self._file.close()
+        raise StopIteration
 
     def close(self) -> None:
         self._file.close()
@@ -237,7 +242,7 @@ class _FileSlice:
 class StaticFiles:
     """Answer GET/HEAD for the files under ``mounts``; ``None`` means "not mine, ask Flask".
 
-    ``mounts`` maps a URL prefix that starts and ends with ``/`` to a folder.
+    ``mounts`` maps a URL prefix (text) that starts and ends with ``/`` to a folder.
     When two prefixes overlap, the longer one owns its whole subtree, as a
     more specific rule does in werkzeug's router.
 
@@ -247,9 +252,11 @@ class StaticFiles:
         The Flask app whose ``get_send_file_max_age`` sets ``Cache-Control``,
         and whose ``debug`` flag is the default for ``autorefresh``.
     ``routed``
-        ``routed(path) -> bool``: whether the app routes that ``PATH_INFO``
-        to a static endpoint. Only confirmed URLs are served. ``None`` serves
-        every file in the folders (use it for folders the owner listed).
+        ``routed(path) -> bool``: whether the app routes a GET of ``path``
+        (text, as Flask's router sees it: ``/static/café.css``) to a static
+        endpoint, or the owner listed it. Asked once per file at startup;
+        only confirmed URLs are served. ``None`` serves every file in the
+        folders.
     ``autorefresh``
         Look each request up on disk instead of in the startup index (for
         development; slower). Default: ``app.debug``, else ``False``.
@@ -264,7 +271,7 @@ class StaticFiles:
     ``in_memory_max``
         Files up to this many bytes are kept in memory (default 64 KiB).
     ``block_size``
-        Read size when streaming larger files (default 256 KiB).
+        Read size when streaming larger files (default 64 KiB).
 
     Environ keys read: ``REQUEST_METHOD``, ``PATH_INFO``,
     ``HTTP_ACCEPT_ENCODING``, the conditional and range headers and
@@ -282,7 +289,7 @@ class StaticFiles:
         immutable_pattern: str | re.Pattern[str] | None = _UNSET,
         max_age: int | None = None,
         in_memory_max: int = 64 * 1024,
-        block_size: int = 256 * 1024,
+        block_size: int = 64 * 1024,
     ) -> None:
         self._app = app
         self._routed = routed
@@ -330,7 +337,7 @@ class StaticFiles:
             return None
         try:
             start_response("200 OK", list(file.headers))
-            return wrap_file(environ, handle, self._block_size)
+            return self._stream(environ, handle, file.size)
         except BaseException:
             handle.close()
             raise
@@ -399,10 +406,17 @@ class StaticFiles:
             return None
         try:
             start_response("200 OK", list(file.headers))
-            return wrap_file(environ, handle, self._block_size)
+            return self._stream(environ, handle, file.size)
         except BaseException:
             handle.close()
             raise
+
+    def _stream(self, environ: WSGIEnvironment, handle: Any, size: int) -> Iterable[bytes]:
+        """The whole file: the server's ``wsgi.file_wrapper`` (sendfile) when offered."""
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None:
+            return wrapper(handle, self._block_size)  # type: ignore[no-any-return]
+        return _FileSlice(handle, 0, size, self._block_size)
 
     def _partial(
         self,
@@ -445,8 +459,9 @@ class StaticFiles:
                     continue
                 found = dict(_walk(root, self._allow_dotfiles))
                 for rel, (path, st) in found.items():
-                    url = prefix + _wsgi_path(rel)
-                    if nested and url.startswith(nested):
+                    url = prefix + rel
+                    key = _wsgi_path(url)
+                    if key is None or (nested and url.startswith(nested)):
                         continue
                     if self._routed is not None and not self._routed(url):
                         continue
@@ -455,7 +470,7 @@ class StaticFiles:
                     }
                     file = self._make(rel, path, st, siblings)
                     if file is not None:
-                        self._index[url] = file
+                        self._index[key] = file
         in_memory = sum(len(f.body) for f in self._index.values() if f.body is not None)
         log.debug(
             "static index: %d files under %d mounts, %d bytes kept in memory",
@@ -542,22 +557,21 @@ class StaticFiles:
 
     def _find_on_disk(self, path: str) -> _File | None:
         """Development lookup: the same checks the walk applies, done per request."""
+        text = _text_path(path)
+        if text is None:
+            return None
         for prefix, root in self._roots:
-            if path.startswith(prefix):
+            if text.startswith(prefix):
                 break
         else:
             return None
-        rel_wsgi = path[len(prefix) :]
-        if not _safe_relative(rel_wsgi, self._allow_dotfiles):
-            return None
-        try:
-            rel = os.fsdecode(rel_wsgi.encode("latin-1"))
-        except UnicodeEncodeError:  # not a WSGI string: a server bug, never ours to serve
+        rel = text[len(prefix) :]
+        if not _safe_relative(rel, self._allow_dotfiles):
             return None
         real = _contained(root, os.path.join(root, rel), self._allow_dotfiles)
         if real is None:
             return None
-        if self._routed is not None and not self._routed(path):
+        if self._routed is not None and not self._routed(text):
             return None
         try:
             st = os.stat(real)
@@ -691,9 +705,24 @@ def _walk(root: str, allow_dotfiles: bool) -> Iterator[tuple[str, tuple[str, os.
                 yield rel, (path, st)
 
 
-def _wsgi_path(rel: str) -> str:
-    """A file-system relative path as it appears in ``PATH_INFO`` (raw bytes as latin-1)."""
-    return os.fsencode(rel).decode("latin-1")
+def _wsgi_path(text: str) -> str | None:
+    """A text path as servers put it in ``PATH_INFO`` (UTF-8 bytes as latin-1).
+
+    ``None`` for a file name that is not valid UTF-8: Flask's router could not
+    reach it either, so it is left out of the index.
+    """
+    try:
+        return text.encode("utf-8").decode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _text_path(path: str) -> str | None:
+    """``PATH_INFO`` as text, or ``None`` when it is not UTF-8 (never a file we index)."""
+    try:
+        return path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -721,8 +750,10 @@ def _open_unchanged(file: _File) -> Any:
 def _coding_order(accept: str) -> tuple[str | None, ...]:
     """Codings the client accepts, best first; ``None`` is the plain file.
 
-    Explicit entries beat ``*``; ``q=0`` excludes; the plain file is
-    acceptable unless ``identity`` or ``*`` says ``q=0`` (RFC 9110 section 12.5.3).
+    Explicit entries beat ``*``; ``q=0`` excludes. The plain file is
+    acceptable unless ``identity`` or ``*`` says ``q=0`` (RFC 9110 section
+    12.5.3); when neither names it, it ranks below every coding the client
+    did list, whatever their q-values.
     """
     quality: dict[str, float] = {}
     for value, q in parse_accept_header(accept):
@@ -735,7 +766,7 @@ def _coding_order(accept: str) -> tuple[str | None, ...]:
                 return quality[name]
         return star if star is not None else 0.0
 
-    identity = quality.get("identity", star if star is not None else 1.0)
+    identity = quality.get("identity", star if star is not None else _UNLISTED)
     ranked = [
         (q_of("br"), 0, "br"),
         (q_of("gzip", "x-gzip"), 1, "gzip"),
