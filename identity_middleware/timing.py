@@ -28,16 +28,18 @@ and ``flask.g._identity_cache_seconds``; this module only reads them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from flask import g, request
 
 from .config import resolve_one
 
 if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
     from flask import Flask, Response
 
-__all__ = ["OUTCOMES", "install", "request_outcome", "header_value"]
+__all__ = ["OUTCOMES", "install", "request_outcome", "header_value", "start_response_with_header"]
 
 #: Every ``desc`` the header can carry.
 OUTCOMES = ("static", "hit", "miss", "negative", "bypass")
@@ -84,6 +86,26 @@ def install(app: Flask, *, enabled: bool | None = None) -> bool:
     if not resolve_one("IDENTITY_DEBUG_HEADERS", enabled, app).value:
         return False
     if not app.extensions.get(_EXTENSION_KEY):
-        app.after_request(_add_header)
+        # The list, not ``app.after_request``: that one refuses once the app has
+        # served a request, and the middleware may set up on its first request.
+        app.after_request_funcs.setdefault(None, []).append(_add_header)
         app.extensions[_EXTENSION_KEY] = True
     return True
+
+
+def start_response_with_header(
+    start_response: StartResponse, outcome: str = "static", started: float | None = None
+) -> StartResponse:
+    """``start_response`` that adds the header, for responses made before Flask runs.
+
+    Serve mode answers static files in the middleware, where no ``after_request``
+    runs; it passes its ``start_response`` through this. ``started`` is a
+    ``time.perf_counter()`` reading; the duration runs until the headers are sent.
+    """
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seconds = 0.0 if started is None else time.perf_counter() - started
+        headers.append(("Server-Timing", header_value(outcome, seconds)))
+        return start_response(status, headers, exc_info)  # type: ignore[arg-type]
+
+    return start  # type: ignore[return-value]

@@ -107,3 +107,34 @@ def test_error_responses_carry_the_header_too(timed_client):
 def test_header_value_format():
     assert timing.header_value("hit", 0.00125) == 'identity;desc="hit";dur=1.250'
     assert timing.header_value("static") == 'identity;desc="static";dur=0.000'
+
+
+def test_install_works_after_the_app_served_requests(example_app, client):
+    # The middleware sets up on its first request; Flask's after_request() refuses then.
+    client.get("/")
+    assert timing.install(example_app, enabled=True) is True
+    assert decision(client.get("/me")) == ("bypass", 0.0)
+
+
+def test_responses_made_before_flask_can_carry_it_too(tmp_path):
+    """Serve mode answers in the middleware, where no after_request runs."""
+    import time
+
+    from werkzeug.test import create_environ
+
+    from identity_middleware.static import StaticFiles
+
+    (tmp_path / "app.css").write_text("body { color: red }\n")
+    files = StaticFiles({"/static/": str(tmp_path)})
+    sent = []
+
+    def start_response(status, headers, exc_info=None):
+        sent.append((status, headers))
+
+    started = time.perf_counter()
+    body = files(create_environ("/static/app.css"), timing.start_response_with_header(start_response, "static", started))
+    assert b"".join(body) == b"body { color: red }\n"
+    (status, headers), = sent
+    assert status.startswith("200")
+    values = [v for k, v in headers if k == "Server-Timing"]
+    assert len(values) == 1 and HEADER.match(values[0])["desc"] == "static"
