@@ -9,6 +9,10 @@ subprocess, with ``tests/compat/identity_compat_plugin.py`` loaded:
   ``IdentityMiddleware`` the moment it is constructed;
 * ``cache``: additionally every ``user_loader`` is put behind a ``UserCache``.
 
+Both runs list ``/static/`` as a static path, so the suite's own static tests
+("a static request stays anonymous and does not touch the session") go through
+the middleware's static branch.
+
 The sdist is downloaded once with pip (so the machine's index settings and
 certificates apply) and the extracted ``tests/`` folder is kept in a cache
 directory. Without network the test skips, except in CI where it fails.
@@ -108,6 +112,9 @@ def _run_suite(suite: Path, mode: str, tmp_path: Path) -> tuple[subprocess.Compl
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COMPAT), str(REPO), env.get("PYTHONPATH")]))
     env["IDENTITY_COMPAT_MODE"] = mode
+    # The suite's apps have no static folder; listing /static/ sends its StaticTestCase
+    # requests through the middleware's static branch (Flask would 404 them either way).
+    env["IDENTITY_STATIC_PATHS"] = "/static/"
     env["IDENTITY_COMPAT_REPORT"] = str(report_path)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "identity_compat_plugin", "-p", "no:cacheprovider",
@@ -129,8 +136,10 @@ def test_flask_login_suite_passes_with_the_middleware_around_every_app(suite_dir
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert counts["tests"] - counts["skipped"] > MIN_TESTS, counts
     assert counts["failures"] == counts["errors"] == 0, counts
-    # The plugin really wrapped the suite's apps (not an inert run of the plain suite).
+    # The plugin really wrapped the suite's apps (not an inert run of the plain suite),
+    # and the suite's static tests went through the static branch.
     assert report["apps_wrapped"] > MIN_TESTS, report
+    assert report["static_requests"] >= 2, report
 
 
 def test_flask_login_suite_passes_with_a_user_cache_around_every_loader(suite_dir, tmp_path):
@@ -139,6 +148,7 @@ def test_flask_login_suite_passes_with_a_user_cache_around_every_loader(suite_di
     assert counts["tests"] - counts["skipped"] > MIN_TESTS, counts
     assert counts["failures"] == counts["errors"] == 0, counts
     assert report["apps_wrapped"] > MIN_TESTS, report
+    assert report["static_requests"] >= 2, report
     assert report["loaders_cached"] > 10, report
     # Requests were answered from the cache, so the suite exercised hits, not only loads.
     assert report["cache_stats"]["hits"] > 0, report

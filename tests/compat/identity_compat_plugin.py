@@ -11,6 +11,11 @@ and, without touching a line of that suite,
 * with ``IDENTITY_COMPAT_MODE=cache``, also puts every loader registered through
   ``LoginManager.user_loader`` behind its own ``UserCache``.
 
+Settings come from the environment as usual; the calling test lists ``/static/``
+(``IDENTITY_STATIC_PATHS``), so the suite's own "static requests load no user"
+tests run through the middleware's static branch -- the suite's apps have no
+static folder, so nothing else changes.
+
 At the end it writes what it did (apps wrapped, loaders cached, cache stats) as
 JSON to ``IDENTITY_COMPAT_REPORT``, so the calling test can check the plugin was
 really in the path and not silently inert.
@@ -27,7 +32,7 @@ import flask
 import flask_login
 import pytest
 
-from identity_middleware.middleware import IdentityMiddleware
+from identity_middleware.middleware import IdentityMiddleware, is_static_request
 
 MODE = os.environ.get("IDENTITY_COMPAT_MODE", "middleware")
 if MODE not in ("middleware", "cache"):
@@ -41,8 +46,17 @@ if MODE not in ("middleware", "cache"):
 # its reason: such a test checks "no cache", not Flask-Login.
 CACHE_EXCLUDED: dict[str, str] = {}
 
-_report: dict[str, Any] = {"mode": MODE, "apps_wrapped": 0, "loaders_cached": 0}
+_report: dict[str, Any] = {"mode": MODE, "apps_wrapped": 0, "loaders_cached": 0, "static_requests": 0}
 _caches: list[Any] = []
+
+
+def _count_static_requests(sender: flask.Flask, **extra: Any) -> None:
+    # A signal receiver, so the apps themselves carry nothing but the middleware.
+    if is_static_request():
+        _report["static_requests"] += 1
+
+
+flask.request_started.connect(_count_static_requests)
 
 
 def _wrap_every_app() -> None:
