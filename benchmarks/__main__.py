@@ -168,7 +168,7 @@ def table(outcomes: list[Outcome]) -> str:
             notes = [
                 f"{k}={v}"
                 for k, v in row.items()
-                if k not in _IDENTITY_KEYS and k != time_key and k not in used
+                if k not in _IDENTITY_KEYS and k != time_key and k not in used and v is not None
             ]
             cells = [
                 row.get("benchmark") or outcome.module,
