@@ -78,18 +78,21 @@ def _apps(folder: str, contents: dict[str, bytes]) -> dict[str, WSGIApp]:
     from identity_middleware import IdentityMiddleware
     from identity_middleware.static import StaticFiles
 
-    files = StaticFiles({"/static/": folder})
+    def dispatch(files: StaticFiles) -> WSGIApp:
+        def static_files(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            response = files(environ, start_response)
+            return _not_found(environ, start_response) if response is None else response
 
-    def static_files(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        response = files(environ, start_response)
-        return _not_found(environ, start_response) if response is None else response
+        return static_files
 
     served = Flask("serve_mode", static_folder=folder, static_url_path="/static")
     served.wsgi_app = IdentityMiddleware(served.wsgi_app, serve_static=True)  # type: ignore[method-assign]
 
     return {
         "serve mode (IdentityMiddleware)": served,
-        "StaticFiles alone": static_files,
+        "StaticFiles alone": dispatch(StaticFiles({"/static/": folder})),
+        # why small files are kept in memory: the same, reading the disk per request
+        "StaticFiles alone, no in-memory copy": dispatch(StaticFiles({"/static/": folder}, in_memory_max=0)),
         "WhiteNoise": WhiteNoise(_not_found, root=folder, prefix="/static/"),
         "SharedDataMiddleware": SharedDataMiddleware(_not_found, {"/static": folder}),
         "Flask static view": Flask("plain", static_folder=folder, static_url_path="/static"),

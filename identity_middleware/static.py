@@ -664,18 +664,17 @@ def _contained(root: str, candidate: str, allow_dotfiles: bool) -> str | None:
 def _walk(root: str, allow_dotfiles: bool) -> Iterator[tuple[str, tuple[str, os.stat_result]]]:
     """Yield ``(relative URL path, (real path, stat))`` for each regular file under ``root``.
 
-    Symlinks are followed only when their real target stays inside ``root``;
-    directories are visited once each, so symlink loops end.
+    Symlinks are followed only when their real target stays inside ``root``.
+    A folder reached again below itself (a symlink loop) is not entered; two
+    names for one folder are both walked, as Flask would serve both.
     """
-    seen: set[tuple[int, int]] = set()
     try:
         root_st = os.stat(root)
     except OSError:
         return
-    seen.add((root_st.st_dev, root_st.st_ino))
-    stack = [(root, "")]
+    stack = [(root, "", frozenset({(root_st.st_dev, root_st.st_ino)}))]
     while stack:
-        directory, rel_dir = stack.pop()
+        directory, rel_dir, ancestors = stack.pop()
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -698,9 +697,8 @@ def _walk(root: str, allow_dotfiles: bool) -> Iterator[tuple[str, tuple[str, os.
             rel = rel_dir + name
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
-                if key not in seen:
-                    seen.add(key)
-                    stack.append((path, rel + "/"))
+                if key not in ancestors:
+                    stack.append((path, rel + "/", ancestors | {key}))
             elif stat.S_ISREG(st.st_mode):
                 yield rel, (path, st)
 
