@@ -135,7 +135,8 @@ def _check_redis_url(text: str) -> None:
         ):
             raise ValueError
     elif parts.scheme == "unix":
-        if not parts.path.startswith("/") or parts.path.endswith("/"):
+        # unix://relative/x.sock would silently mean /x.sock: no host part allowed.
+        if parts.hostname or not parts.path.startswith("/") or parts.path.endswith("/"):
             raise ValueError
     else:
         raise ValueError

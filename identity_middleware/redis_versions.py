@@ -562,17 +562,23 @@ def _make_client(url_or_client: Any, socket_timeout: float) -> tuple[Any, str, b
         raise ConfigError(
             _SETTING, _redacted(url), "redis-py installed: pip install 'identity_middleware[redis]'"
         ) from None
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        # One quick retry rides over a pooled connection that a Redis restart
+        # closed; more would hold the request that called invalidate().
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True  # notice a dead peer on idle TCP links
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            socket_keepalive=True,
-            # One quick retry rides over a pooled connection that a Redis restart
-            # closed; more would hold the request that called invalidate().
-            retry=Retry(NoBackoff(), 1),
-        )
-    except (ValueError, TypeError) as exc:
+        client = redis.Redis.from_url(url, **options)
+        # redis-py connects lazily and would report an unknown URL option only then,
+        # from the listener thread, forever. Building one (unconnected) connection
+        # surfaces it now, as a configuration error.
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError, redis.RedisError) as exc:
         raise ConfigError(_SETTING, _redacted(url), f"{expected} ({exc})") from None
     return client, _redacted(url), True
 

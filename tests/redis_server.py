@@ -18,11 +18,8 @@ import time
 
 import pytest
 
-SHARED_URL = "redis://127.0.0.1:6379/0"
-
-
 def ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def unavailable(reason: str) -> None:
@@ -30,15 +27,6 @@ def unavailable(reason: str) -> None:
     if ci():
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-def require_shared_redis() -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(SHARED_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        unavailable(f"shared Redis at {SHARED_URL} not reachable: {exc}")
 
 
 def free_port() -> int:
@@ -54,7 +42,9 @@ class RedisServer:
     ``unixsocket``...). The port and directory stay the same across restarts.
     """
 
-    def __init__(self, *, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, port: int | None = None, extra: tuple[str, ...] = (), tls: bool = False
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server binary not found on PATH")
@@ -62,17 +52,48 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="im-redis-")
         self.extra = extra
+        self.tls = tls
         self.process: subprocess.Popen | None = None
+        if tls:
+            self._make_certificate()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def ca_file(self) -> str:
+        return os.path.join(self.dir, "cert.pem")
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1, which is also its own CA."""
+        if shutil.which("openssl") is None:
+            unavailable("openssl not found on PATH (needed for a TLS redis-server)")
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", os.path.join(self.dir, "key.pem"), "-out", self.ca_file,
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+
     def start(self, *, wait: float = 10.0) -> None:
         assert self.process is None, "already running"
+        if self.tls:
+            ports = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", self.ca_file,
+                "--tls-key-file", os.path.join(self.dir, "key.pem"),
+                "--tls-ca-cert-file", self.ca_file,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        else:
+            ports = ["--port", str(self.port)]
         args = [
             self.binary,
-            "--port", str(self.port),
+            *ports,
             "--bind", "127.0.0.1",
             "--dir", self.dir,
             "--save", "",
@@ -89,6 +110,8 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    if self.tls:  # accepting connections is all we can see without TLS
+                        return
                     sock.sendall(b"PING\r\n")
                     reply = sock.recv(64)
                 if reply.startswith((b"+PONG", b"-NOAUTH")):
@@ -98,6 +121,15 @@ class RedisServer:
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {wait} s")
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers -- a silent partition."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes without closing anything politely."""
