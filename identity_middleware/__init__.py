@@ -17,11 +17,13 @@ from typing import Any
 
 from .config import ConfigError
 from .middleware import IdentityMiddleware, is_static_request
+from .static import StaticFiles
 from .versions import LocalVersionStore, VersionStore
 
 __all__ = [
     "IdentityMiddleware",
     "is_static_request",
+    "StaticFiles",
     "ConfigError",
     "LocalVersionStore",
     "VersionStore",
