@@ -42,8 +42,10 @@ What it answers (``GET`` and ``HEAD`` only; every other method returns
   416) says ``Vary: Accept-Encoding``. Each encoding is its own
   representation: its own ``ETag``, and ranges count bytes of the encoded
   body, as RFC 9110 section 14.1 prescribes for the selected representation.
-* ``If-Match`` and ``If-Unmodified-Since`` are not evaluated here: such
-  requests return ``None`` and Flask decides.
+* ``412`` when ``If-Match`` (strong comparison, ``*``) or, without it,
+  ``If-Unmodified-Since`` fails. These are evaluated here rather than left to
+  Flask because the client's tag is ours: Flask would compare it with its own
+  and refuse every conditional request.
 
 ETags are a content hash (BLAKE2b, 128 bits) computed once at startup. Unlike
 Flask's ``mtime-size-adler32(path)`` they are identical on every host and
@@ -92,7 +94,10 @@ otherwise; ``tests/test_static_vs_flask.py`` checks both):
 * ``If-Range`` uses the strong comparison (RFC 9110 section 13.1.5): a ``W/``
   tag, or a date other than ``Last-Modified``, gives the full 200; Flask
   treats a weak tag as a match and accepts any later date.
-* 416 responses have an empty body; Flask sends an HTML error page.
+* 416 responses have an empty body; Flask sends an HTML error page. A failed
+  ``If-Match`` gives 412 with an empty body; Flask sends the whole file with
+  its 412. Flask ignores ``If-Unmodified-Since``; we answer 412 when the file
+  is newer (RFC 9110 section 13.1.4).
 * A sibling ``.br``/``.gz`` may be sent instead of the plain file: the decoded
   body is the same bytes. Flask never negotiates.
 * Blueprint folders take ``Cache-Control`` from
@@ -372,9 +377,20 @@ class StaticFiles:
     def _conditional(
         self, file: _File, environ: WSGIEnvironment, start_response: StartResponse, method: str
     ) -> Iterable[bytes] | None:
-        """The slow path: preconditions (RFC 9110 section 13.2.2 order), then ``Range``."""
-        if "HTTP_IF_MATCH" in environ or "HTTP_IF_UNMODIFIED_SINCE" in environ:
-            return None  # Flask evaluates these as it does today
+        """The slow path: preconditions in RFC 9110 section 13.2.2 order, then ``Range``."""
+        if_match = environ.get("HTTP_IF_MATCH")
+        if if_match is not None:
+            tags = parse_etags(if_match)
+            failed = not (tags.star_tag or tags.is_strong(file.etag))
+        else:
+            since = parse_date(environ.get("HTTP_IF_UNMODIFIED_SINCE"))
+            failed = since is not None and file.mtime_s > since.timestamp()
+        if failed:
+            headers = [("Content-Length", "0")]
+            if file.vary:
+                headers.append(("Vary", "Accept-Encoding"))
+            start_response("412 Precondition Failed", headers)
+            return []
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match is not None:
             if parse_etags(if_none_match).contains_weak(file.etag):

@@ -330,10 +330,29 @@ def test_head_honours_if_none_match(port: int) -> None:
     assert fetch(port, "/static/app.css", {"If-None-Match": etag}, method="HEAD").status == 304
 
 
-@pytest.mark.parametrize("header", ["If-Match", "If-Unmodified-Since"])
-def test_if_match_preconditions_fall_through_to_the_app(port: int, header: str) -> None:
-    value = '"x"' if header == "If-Match" else formatdate(MTIME, usegmt=True)
-    assert fetch(port, "/static/app.css", {header: value})["X-Fallback"] == "1"
+def test_if_match_with_the_etag_or_star_gives_200(port: int) -> None:
+    etag = fetch(port, "/static/app.css")["ETag"]
+    for value in (etag, f'"other", {etag}', "*"):
+        reply = fetch(port, "/static/app.css", {"If-Match": value})
+        assert reply.status == 200 and reply.body == CSS
+
+
+def test_if_match_with_other_or_weak_etags_gives_412(port: int) -> None:
+    etag = fetch(port, "/static/app.css")["ETag"]
+    for value in ('"other"', f"W/{etag}"):
+        reply = fetch(port, "/static/app.css", {"If-Match": value})
+        assert reply.status == 412 and reply.body == b""
+
+
+def test_if_unmodified_since_before_the_file_changed_gives_412(port: int) -> None:
+    assert fetch(port, "/static/app.css", {"If-Unmodified-Since": formatdate(MTIME - 1, usegmt=True)}).status == 412
+    assert fetch(port, "/static/app.css", {"If-Unmodified-Since": formatdate(MTIME, usegmt=True)}).status == 200
+
+
+def test_if_match_overrides_if_unmodified_since(port: int) -> None:
+    etag = fetch(port, "/static/app.css")["ETag"]
+    headers = {"If-Match": etag, "If-Unmodified-Since": formatdate(MTIME - 1, usegmt=True)}
+    assert fetch(port, "/static/app.css", headers).status == 200
 
 
 def test_etag_is_a_content_hash_equal_on_every_host(tmp_path: Any, static_dir: str) -> None:
