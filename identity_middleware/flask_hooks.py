@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import flask.globals as _flask_globals
 import flask_login.config
-from flask import g, has_request_context, request
+from flask import g, has_request_context
 from flask_principal import AnonymousIdentity
 
 if TYPE_CHECKING:
@@ -197,7 +197,9 @@ def _wrap_principal(principal: Any) -> None:
     original: Callable[[], bool] = principal._is_static_route
 
     def _is_static_route() -> bool:
-        return (has_request_context() and bool(request.environ.get(MARK))) or original()
+        if has_request_context() and _flask_globals.request_ctx._get_current_object().request.environ.get(MARK):
+            return True
+        return original()
 
     setattr(_is_static_route, _WRAPPED, True)
     principal._is_static_route = _is_static_route
@@ -208,15 +210,17 @@ def _wrap_principal(principal: Any) -> None:
 
 def skip_identity_for_static_requests() -> None:
     """First ``before_request`` function: on a marked request, identity is anonymous."""
-    if not request.environ.get(MARK):
-        return None
+    # Proxies are resolved once: this runs on every request, static or not.
     ctx = _flask_globals.request_ctx._get_current_object()
+    if not ctx.request.environ.get(MARK):
+        return None
     app = ctx.app
     _replace_session(ctx, app)
+    state = g._get_current_object()
     manager = getattr(app, "login_manager", None)
     if manager is not None:
-        g._login_user = manager.anonymous_user()
-    g.identity = AnonymousIdentity()
+        state._login_user = manager.anonymous_user()
+    state.identity = AnonymousIdentity()
     return None
 
 
@@ -248,12 +252,7 @@ def _replace_session(ctx: Any, app: Flask) -> None:
     current = ctx.__dict__.get(attribute)
     replacement = _static_session_class(app.session_interface.null_session_class)()
     if current:
-        dict.update(
-            replacement,
-            (
-                (key, value)
-                for key, value in current.items()
-                if key not in _IDENTITY_SESSION_KEYS
-            ),
-        )
+        kept = {key: value for key, value in current.items() if key not in _IDENTITY_SESSION_KEYS}
+        if kept:
+            dict.update(replacement, kept)
     setattr(ctx, attribute, replacement)

@@ -164,7 +164,7 @@ class IdentityMiddleware:
                 if folder is not None:
                     mounts.setdefault(prefix, folder)
         mounts.update(self.static_dirs)
-        return StaticFiles(mounts, app=self.app, routed=classifier.routed)  # type: ignore[no-any-return]
+        return StaticFiles(mounts, app=self.app, routed=classifier.is_static_path)  # type: ignore[no-any-return]
 
     def rebuild(self) -> None:
         """Rebuild the classifier (and the static file index) from the app as it is now.

@@ -432,3 +432,16 @@ def test_session_interface_whose_null_session_is_not_a_dict_fails_at_first_reque
     app.wsgi_app = IdentityMiddleware(app.wsgi_app)
     with pytest.raises(RuntimeError, match="null_session_class"):
         app.test_client().get("/")
+
+
+def test_shipped_example_app_with_the_user_cache_runs_no_sql_for_assets(example_app, logged_in, engine):
+    stats = example_app.extensions["example"]
+    stats.loader_calls = stats.identity_loaded_calls = 0
+    with count_sql(engine) as statements:
+        for path in ASSETS:
+            response = logged_in.get(path)
+            assert response.status_code == 200, path
+            assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    assert statements == [] and stats.loader_calls == 0 and stats.identity_loaded_calls == 0
+    assert b'<span id="roles">admin, editor</span>' in logged_in.get("/").data
+    assert stats.identity_loaded_calls == 1

@@ -315,6 +315,16 @@ def test_confirmation_cache_is_bounded(app):
     assert classifier._marked.cache_info().currsize == CONFIRM_CACHE_SIZE
 
 
+def test_is_static_path_confirms_listed_and_routed_text_paths_for_serve_mode(app):
+    classifier = Classifier(app, ["/assets/", "/favicon.ico"])
+    assert classifier.is_static_path("/static/app.css")
+    assert classifier.is_static_path("/assets/bundle.js")
+    assert classifier.is_static_path("/favicon.ico")
+    assert not classifier.is_static_path("/static/config.js")
+    assert not classifier.is_static_path("/assets/../app.py")
+    assert not classifier.is_static_path("/files/a.css")
+
+
 def test_routed_confirms_text_paths_for_serve_mode(app):
     classifier = Classifier(app)
     assert classifier.routed("/static/app.css")

@@ -314,6 +314,8 @@ def test_serve_mode_answers_indexed_files_before_flask_and_falls_through_otherwi
     pytest.importorskip("identity_middleware.static", reason="serve mode (static.py) has not landed yet")
     (tmp_path / "static").mkdir()
     (tmp_path / "static" / "app.css").write_text("body { color: red }")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "bundle.js").write_text("run()")
     app = Flask("serve", root_path=str(tmp_path))
     entered: list[str] = []
 
@@ -327,12 +329,14 @@ def test_serve_mode_answers_indexed_files_before_flask_and_falls_through_otherwi
     def config_js():
         return jsonify(dynamic=True)
 
-    app.wsgi_app = IdentityMiddleware(app.wsgi_app, serve_static=True)
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, serve_static=True, static_dirs={"/assets/": tmp_path / "build"})
     client = app.test_client()
     response = client.get("/static/app.css")
     assert response.status_code == 200 and response.data == b"body { color: red }"
+    assert client.get("/assets/bundle.js").data == b"run()"
     assert entered == []
     assert client.get("/static/config.js").json == {"dynamic": True}
     assert client.get("/static/missing.css").status_code == 404
     assert client.post("/static/app.css").status_code == 405
-    assert entered == ["/static/config.js", "/static/missing.css", "/static/app.css"]
+    assert client.get("/assets/missing.js").status_code == 404
+    assert entered == ["/static/config.js", "/static/missing.css", "/static/app.css", "/assets/missing.js"]
