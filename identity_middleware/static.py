@@ -107,6 +107,7 @@ otherwise; ``tests/test_static_vs_flask.py`` checks both):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import mimetypes
@@ -331,21 +332,10 @@ class StaticFiles:
         if not environ.keys().isdisjoint(_CONDITIONAL_KEYS):
             return self._conditional(file, environ, start_response, method)
         body = file.body
-        if body is not None:
+        if body is not None:  # the common case, kept inline: a small file from memory
             start_response("200 OK", list(file.headers))
             return [body] if method == "GET" else []
-        if method == "HEAD":
-            start_response("200 OK", list(file.headers))
-            return []
-        handle = _open_unchanged(file)
-        if handle is None:
-            return None
-        try:
-            start_response("200 OK", list(file.headers))
-            return self._stream(environ, handle, file.size)
-        except BaseException:
-            handle.close()
-            raise
+        return self._full(file, environ, start_response, method)
 
     def __len__(self) -> int:
         """Number of URLs in the index (0 in autorefresh mode)."""
@@ -414,25 +404,28 @@ class StaticFiles:
                     return []
                 if span is not None:
                     return self._partial(file, environ, start_response, *span)
-        if method == "HEAD" or file.body is not None:
+        return self._full(file, environ, start_response, method)
+
+    def _full(
+        self, file: _File, environ: WSGIEnvironment, start_response: StartResponse, method: str
+    ) -> Iterable[bytes] | None:
+        """The whole representation: from memory, or streamed with the server's
+        ``wsgi.file_wrapper`` (sendfile) when offered; ``None`` if the file changed."""
+        if file.body is not None or method == "HEAD":
             start_response("200 OK", list(file.headers))
-            return [file.body] if method == "GET" else []
+            return [file.body] if method == "GET" else []  # type: ignore[list-item]
         handle = _open_unchanged(file)
         if handle is None:
             return None
         try:
             start_response("200 OK", list(file.headers))
-            return self._stream(environ, handle, file.size)
+            wrapper = environ.get("wsgi.file_wrapper")
+            if wrapper is not None:
+                return wrapper(handle, self._block_size)  # type: ignore[no-any-return]
+            return _FileSlice(handle, 0, file.size, self._block_size)
         except BaseException:
             handle.close()
             raise
-
-    def _stream(self, environ: WSGIEnvironment, handle: Any, size: int) -> Iterable[bytes]:
-        """The whole file: the server's ``wsgi.file_wrapper`` (sendfile) when offered."""
-        wrapper = environ.get("wsgi.file_wrapper")
-        if wrapper is not None:
-            return wrapper(handle, self._block_size)  # type: ignore[no-any-return]
-        return _FileSlice(handle, 0, size, self._block_size)
 
     def _partial(
         self,
@@ -471,7 +464,8 @@ class StaticFiles:
                 nested = tuple(p for p in claimed if p.startswith(prefix))
                 claimed.append(prefix)
                 if not os.path.isdir(root):
-                    log.warning("static folder %s for %s does not exist; not indexed", root, prefix)
+                    # Flask's default "static" folder often does not exist; nothing to serve.
+                    log.debug("static folder %s for %s does not exist; not indexed", root, prefix)
                     continue
                 found = dict(_walk(root, self._allow_dotfiles))
                 for rel, (path, st) in found.items():
@@ -563,11 +557,8 @@ class StaticFiles:
         return f"no-cache, max-age={max_age}"
 
     def _app_context(self) -> Any:
-        if self._app is None:
-            import contextlib
-
-            return contextlib.nullcontext()
-        return self._app.app_context()
+        """``get_send_file_max_age`` reads ``current_app.config``."""
+        return contextlib.nullcontext() if self._app is None else self._app.app_context()
 
     # -- autorefresh -----------------------------------------------------------------
 
