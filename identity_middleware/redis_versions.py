@@ -143,14 +143,19 @@ class RedisVersionStore:
         a half-open connection (a silent network partition) can go unnoticed.
     :param reconnect_backoff: ``(first, longest)`` delay in seconds between
         reconnection attempts, doubling (with jitter) from the first to the longest.
-    :param socket_timeout: socket and connect timeout for a client built from a URL.
+    :param socket_timeout: socket and connect timeout for a client built from a URL,
+        and the longest the first ``stamp()`` in a process waits for a connection.
 
-    Nothing connects in the constructor: the listener starts on first use, so a
-    gunicorn master that imports the app with ``--preload`` holds no thread or
-    socket to leak into its workers. If Redis is unreachable the store starts
-    *degraded* -- the app serves, the cache loads every user from the database, a
-    WARNING is logged -- rather than refusing to boot, which would turn a Redis blip
-    into an outage. :meth:`wait_synced` blocks until the mirror is trusted.
+    Nothing connects in the constructor: the listener starts with the first
+    ``stamp()`` in a process, so a gunicorn master that builds the app with
+    ``--preload`` (and may invalidate while seeding -- sending needs no listener)
+    has no thread to fork. That first ``stamp()`` waits for the listener's first
+    connection attempt -- milliseconds, at most ``socket_timeout`` -- so a fresh
+    worker's first loads are stored with trusted stamps instead of being loaded
+    twice. If Redis is unreachable the store starts *degraded* -- the app serves,
+    the cache loads every user from the database, a WARNING is logged -- rather than
+    refusing to boot, which would turn a Redis blip into an outage.
+    :meth:`wait_synced` blocks until the mirror is trusted.
     """
 
     __slots__ = (
@@ -167,6 +172,8 @@ class RedisVersionStore:
         "_lock",
         "_stop",
         "_synced",
+        "_first_attempt",
+        "_first_wait",
         "_thread",
         "_pid",
         "_token",
@@ -201,6 +208,7 @@ class RedisVersionStore:
         self._gen_key = f"{prefix}gen"
         self._script = self._client.register_script(_BUMP_LUA)
         self._heartbeat = float(heartbeat)
+        self._first_wait = float(socket_timeout)
         self._backoff = (float(first), float(longest))
         self._closed = False
         self._reset_process_state()
@@ -212,12 +220,20 @@ class RedisVersionStore:
         """The current stamp of ``key``: local memory only, never the network."""
         mirror = self._mirror
         if mirror is None:
-            return self._untrusted_stamp()
+            return self._untrusted_stamp(key)
         return (mirror, mirror.get(key, 0))
 
-    def _untrusted_stamp(self) -> Hashable:
-        if self._thread is None and not self._closed:
-            self._start()
+    def _untrusted_stamp(self, key: str) -> Hashable:
+        if not self._closed:
+            self._start_if_needed()
+            # The first stamps in a process wait for the listener's first attempt
+            # (milliseconds; at most the connect timeout), or a fresh worker would
+            # store its first loads with untrusted stamps and load every user twice.
+            first = self._first_attempt
+            if not first.is_set() and first.wait(self._first_wait):
+                mirror = self._mirror
+                if mirror is not None:
+                    return (mirror, mirror.get(key, 0))
         return object()  # equal to nothing: the cache loads instead of trusting
 
     # -- invalidation ------------------------------------------------------------
@@ -267,13 +283,15 @@ class RedisVersionStore:
             )
 
     def _send(self, counter_key: str, kind: str, key: str) -> None:
-        self._start_if_needed()
+        # A successful send needs no listener: a process that only invalidates (a
+        # gunicorn master seeding with --preload, a CLI) starts no thread.
         try:
             self._publish(counter_key, kind, key)
         except Exception as exc:  # noqa: BLE001 -- an invalidation must never fail a request
             with self._lock:
                 self._remember(None if kind == "a" else key)
             self._lose_link(f"sending an invalidation failed: {exc!r}")
+            self._start_if_needed()  # it sends the remembered bump once Redis is back
             log.warning(
                 "Redis unreachable: invalidation of %s applied in this process only; "
                 "other processes get it when the link to %s is back",
@@ -323,6 +341,7 @@ class RedisVersionStore:
             self._synced.clear()
             thread, self._thread = self._thread, None
         self._stop.set()
+        self._first_attempt.set()  # nobody waits for a connection that will not come
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=max(2.0, 3 * self._heartbeat))
         if self._owns_client:
@@ -342,6 +361,7 @@ class RedisVersionStore:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._synced = threading.Event()
+        self._first_attempt = threading.Event()  # set once the first (re)connect ended
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         # Tells our own bumps apart from others' when they come back on the channel;
@@ -405,6 +425,7 @@ class RedisVersionStore:
                 pubsub = self._subscribe(stop)
                 replayed = self._resync()
                 trusted_since = time.monotonic()
+                self._first_attempt.set()
                 if attempts or replayed:
                     log.info(
                         "link to Redis at %s is back: stamps resynchronised, "
@@ -418,6 +439,7 @@ class RedisVersionStore:
                 if stop.is_set():
                     break
                 self._lose_link(repr(exc))  # logs a WARNING if the mirror was trusted
+                self._first_attempt.set()
                 if attempts == 0 and trusted_since is None:
                     log.warning(
                         "cannot reach Redis at %s (%r): serving without the user cache "

@@ -84,6 +84,27 @@ def test_stamps_are_stable_between_bumps(make_store):
     assert store.stamp("1") != store.stamp("2") or store.stamp("1")[1] == 0
 
 
+def test_a_fresh_worker_caches_from_its_first_request(make_store):
+    """No wait_synced(): the first stamp waits for the first connect, so no double load."""
+    cache, loads = UserCache(versions=make_store(), ttl=300), []
+
+    def loader(user_id):
+        loads.append(user_id)
+        return {"id": user_id}
+
+    assert cache.get(1, loader) is cache.get(1, loader)
+    assert loads == [1]
+
+
+def test_a_process_that_only_invalidates_starts_no_thread(make_store, shared, redis_prefix):
+    """A gunicorn master seeding users with --preload must have no thread to fork."""
+    store = make_store()
+    store.bump("1")
+    store.bump_all()
+    assert shared.get(f"{redis_prefix}v:1") == b"1"
+    assert not [t for t in threading.enumerate() if t.name == f"identity-versions[{redis_prefix}]"]
+
+
 def test_bump_changes_the_stamp_in_the_bumping_process_before_it_returns(make_store):
     store = synced(make_store())
     seen = {store.stamp("7")}
