@@ -1,0 +1,295 @@
+"""What a cached SQLAlchemy user costs per request, against loading it fresh.
+
+One request's worth of work, each with its own session opened and closed like
+Flask-SQLAlchemy does per request, user + 2 roles, on SQLite (file) and on
+PostgreSQL (a database created for the run and dropped after):
+
+* **fresh load**: ``session.get(User, 1)`` and ``user.roles`` -- the anchor
+  (a pool checkout, two SELECTs);
+* **cache hit via bind_sqlalchemy**: ``UserCache.get`` with the adapter, the
+  user rebuilt in the request's session, roles read (target <= 0.10x the fresh
+  load on PostgreSQL);
+* the reattachment strategies that were compared before choosing, without the
+  cache around them: ``merge(cached, load=False)``; a snapshot rebuilt with
+  ``make_transient_to_detached`` + ``Session.add`` (what the adapter does); the
+  same snapshot registered in the identity map through private APIs (faster,
+  not used: it skips ``after_attach`` and leans on internals); a detached copy
+  that is never attached; and an empty session opened and closed (the floor
+  every variant pays).
+
+Best of several interleaved repeats; ratios matter, microseconds do not. The
+PostgreSQL rows become a note when no server answers at ``IDENTITY_TEST_POSTGRES``
+(default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``).
+
+Run: ``python -m benchmarks.sqlalchemy_hit [--quick]``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    make_transient_to_detached,
+    mapped_column,
+    relationship,
+    scoped_session,
+    sessionmaker,
+)
+from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
+
+from identity_middleware import UserCache
+from identity_middleware.sqlalchemy import bind_sqlalchemy
+
+POSTGRES_ADMIN_URL = os.environ.get("IDENTITY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+_user_roles = sa.Table(
+    "bench_user_roles",
+    _Base.metadata,
+    sa.Column("user_id", sa.ForeignKey("bench_users.id"), primary_key=True),
+    sa.Column("role_id", sa.ForeignKey("bench_roles.id"), primary_key=True),
+)
+
+
+class Role(_Base):
+    __tablename__ = "bench_roles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(80))
+
+
+class User(_Base):
+    __tablename__ = "bench_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(sa.String(255))
+    active: Mapped[bool] = mapped_column(default=True)
+    roles: Mapped[list[Role]] = relationship(secondary=_user_roles, order_by=Role.id)
+
+
+def _seed(engine: sa.Engine) -> None:
+    _Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, email="alice@example.com", roles=[Role(id=1, name="admin"), Role(id=2, name="editor")]))
+        s.commit()
+
+
+def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None]]:
+    """(name, one request's work) pairs on ``engine``, and a cleanup."""
+    factory = sessionmaker(engine)
+    db = scoped_session(factory)
+    cache = UserCache(ttl=3600)
+    binding = bind_sqlalchemy(cache, db, User, relationships=("roles",))
+
+    def loader(user_id: str) -> User | None:
+        return db.get(User, int(user_id))
+
+    cache.get("1", loader)
+    db.remove()
+
+    with factory(expire_on_commit=False) as s:
+        template = s.get(User, 1)
+        template.roles  # loaded, then detached when the session closes
+    snapshot = (
+        (User, {"id": 1, "email": "alice@example.com", "active": True}),
+        [(Role, {"id": 1, "name": "admin"}), (Role, {"id": 2, "name": "editor"})],
+    )
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        obj = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
+        instance_dict(obj).update(values)
+        return obj
+
+    def fresh() -> Any:
+        with factory() as s:
+            user = s.get(User, 1)
+            return [r.name for r in user.roles]
+
+    def hit() -> Any:
+        user = cache.get("1", loader)
+        names = [r.name for r in user.roles]
+        db.remove()
+        return names
+
+    def merge() -> Any:
+        with factory() as s:
+            user = s.merge(template, load=False)
+            return [r.name for r in user.roles]
+
+    def snapshot_add() -> Any:
+        with factory() as s:
+            user = build(*snapshot[0])
+            roles = [build(*r) for r in snapshot[1]]
+            for role in roles:
+                make_transient_to_detached(role)
+            set_committed_value(user, "roles", roles)
+            make_transient_to_detached(user)
+            s.add(user)
+            return [r.name for r in user.roles]
+
+    def snapshot_private() -> Any:
+        with factory() as s:
+
+            def register(obj: Any) -> Any:
+                state = instance_state(obj)
+                state.key = state.mapper._identity_key_from_state(state)
+                s.identity_map._add_unpresent(state, state.key)  # type: ignore[attr-defined]
+                state.session_id = s.hash_key
+                return obj
+
+            user = build(*snapshot[0])
+            set_committed_value(user, "roles", [register(build(*r)) for r in snapshot[1]])
+            register(user)
+            return [r.name for r in user.roles]
+
+    def detached_copy() -> Any:
+        with factory():
+            user = build(*snapshot[0])
+            roles = [build(*r) for r in snapshot[1]]
+            set_committed_value(user, "roles", roles)
+            make_transient_to_detached(user)
+            return [r.name for r in user.roles]
+
+    def empty_session() -> Any:
+        with factory():
+            return None
+
+    def cleanup() -> None:
+        binding.remove()
+        db.remove()
+
+    variants = [
+        ("fresh load: session.get + roles", fresh),
+        ("cache hit via bind_sqlalchemy", hit),
+        ("alt: merge(cached, load=False)", merge),
+        ("alt: snapshot + make_transient_to_detached + add", snapshot_add),
+        ("alt: snapshot + private identity-map registration", snapshot_private),
+        ("alt: detached copy, never attached", detached_copy),
+        ("floor: empty session open/close", empty_session),
+    ]
+    return variants, cleanup
+
+
+def _measure(variants: list[tuple[str, Callable[[], Any]]], quick: bool) -> dict[str, float]:
+    """Best-of-repeats microseconds per call, variants interleaved."""
+    repeats = 3 if quick else 7
+    budget = 0.03 if quick else 0.15  # seconds per variant per repeat
+    expected = variants[0][1]()
+    numbers: dict[str, int] = {}
+    for name, fn in variants:
+        result = fn()
+        if name != variants[-1][0] and result != expected:
+            raise AssertionError(f"{name} returned {result!r}, expected {expected!r}")
+        started = time.perf_counter()
+        count = 0
+        while time.perf_counter() - started < budget / 4:
+            fn()
+            count += 1
+        numbers[name] = max(20, int(count * 4))
+    best = {name: float("inf") for name, _ in variants}
+    for _ in range(repeats):
+        for name, fn in variants:
+            n = numbers[name]
+            started = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - started) / n * 1e6)
+    return best
+
+
+def _rows(case: str, engine: sa.Engine, quick: bool) -> list[dict[str, Any]]:
+    variants, cleanup = _variants(engine)
+    try:
+        best = _measure(variants, quick)
+    finally:
+        cleanup()
+    fresh = best[variants[0][0]]
+    return [
+        {
+            "benchmark": "sqlalchemy_hit",
+            "case": case,
+            "variant": name,
+            "us_per_call": round(us, 2),
+            "vs_fresh": round(us / fresh, 4),
+        }
+        for name, us in best.items()
+    ]
+
+
+def _sqlite(quick: bool) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as folder:
+        engine = sa.create_engine(f"sqlite:///{os.path.join(folder, 'bench.db')}")
+        try:
+            _seed(engine)
+            return _rows("SQLite file", engine, quick)
+        finally:
+            engine.dispose()
+
+
+def _postgres(quick: bool) -> list[dict[str, Any]]:
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"im_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        return [
+            {
+                "benchmark": "sqlalchemy_hit",
+                "case": "PostgreSQL",
+                "variant": "skipped",
+                "note": f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {reason}",
+            }
+        ]
+    engine = sa.create_engine(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name)
+    try:
+        _seed(engine)
+        return _rows("PostgreSQL (loopback)", engine, quick)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """One row per backend and variant: microseconds per request and the ratio to a fresh load."""
+    return _sqlite(quick) + _postgres(quick)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| backend | variant | us per request | vs fresh load |", "| --- | --- | ---: | ---: |"]
+    for row in rows:
+        if "us_per_call" in row:
+            lines.append(f"| {row['case']} | {row['variant']} | {row['us_per_call']:.1f} | {row['vs_fresh']:.3f}x |")
+        else:
+            lines.append(f"| {row['case']} | {row['variant']} | | {row['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    rows = run(quick="--quick" in argv)
+    print(
+        f"SQLAlchemy user: cache hit vs fresh load -- {platform.python_implementation()} "
+        f"{platform.python_version()}, SQLAlchemy {sa.__version__}, {platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
