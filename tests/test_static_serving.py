@@ -697,6 +697,16 @@ def test_the_longer_mount_owns_its_subtree(tmp_path: Any) -> None:
         assert fetch(server_port, "/widgets/static/w.css")["X-Fallback"] == "1"
 
 
+def test_small_files_beyond_the_memory_budget_are_read_from_disk(static_dir: str) -> None:
+    files = StaticFiles({"/static/": static_dir}, in_memory_total=len(CSS) + 10)
+    in_memory = [url for url, entry in files._index.items() if entry.body is not None]
+    assert sum(len(files._index[url].body or b"") for url in in_memory) <= len(CSS) + 10
+    with serving(in_front(files)) as server_port:  # every file still served, from disk if need be
+        for path, data in (("/static/app.css", CSS), ("/static/app.js", JS), ("/static/sub/deep.txt", b"deep")):
+            assert fetch(server_port, path).body == data
+            assert fetch(server_port, path, {"Range": "bytes=1-2"}).body == data[1:3]
+
+
 def test_a_missing_folder_is_skipped(tmp_path: Any, static_dir: str) -> None:
     files = StaticFiles({"/static/": static_dir, "/gone/": str(tmp_path / "gone")})
     assert "/static/app.css" in files and len(files) > 0
