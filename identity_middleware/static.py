@@ -42,6 +42,8 @@ What it answers (``GET`` and ``HEAD`` only; every other method returns
   416) says ``Vary: Accept-Encoding``. Each encoding is its own
   representation: its own ``ETag``, and ranges count bytes of the encoded
   body, as RFC 9110 section 14.1 prescribes for the selected representation.
+  A sibling asked for by its own name (``app.js.gz``) is labelled as Flask
+  labels it: the type of ``app.js`` with ``Content-Encoding: gzip``.
 * ``412`` when ``If-Match`` (strong comparison, ``*``) or, without it,
   ``If-Unmodified-Since`` fails. These are evaluated here rather than left to
   Flask because the client's tag is ours: Flask would compare it with its own
