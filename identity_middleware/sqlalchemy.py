@@ -141,6 +141,7 @@ class SQLAlchemyBinding:
         "_watched",
         "_related",
         "_user_id",
+        "_pk_key",
         "_columns",
         "_listeners",
         "_removed",
@@ -169,6 +170,8 @@ class SQLAlchemyBinding:
         self._related = watched_related
         self._watched = (user_model, *watched_related)
         self._user_id = user_id
+        mapper = inspect(user_model)
+        self._pk_key = mapper.get_property_by_column(mapper.primary_key[0]).key
         self._columns: dict[Mapper, tuple[str, ...]] = {}
         self._removed = False
         self._listeners = (
@@ -290,11 +293,12 @@ class SQLAlchemyBinding:
         return pending
 
     def _id(self, state: InstanceState) -> Hashable:
+        """The loader id of a user, read without loading anything (we may be mid-flush)."""
         if self._user_id is not None:
             return self._user_id(state.obj())
         if state.key is not None:
             return str(state.key[1][0])
-        return str(state.mapper.primary_key_from_instance(state.obj())[0])
+        return str(state.dict[self._pk_key])  # a row inserted by this flush: its key is set
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
         # Runs before the flushed states are finalised: new/dirty/deleted still say
@@ -312,20 +316,26 @@ class SQLAlchemyBinding:
     def _changed(self, session: Session, obj: Any, *, inserted_or_deleted: bool) -> None:
         pending = self._pending(session)
         state = instance_state(obj)
-        if isinstance(obj, self.user_model):
-            pending.ids.update(self._ids_of(state))
-        elif inserted_or_deleted:
+        try:
+            if isinstance(obj, self.user_model):
+                pending.ids.update(self._ids_of(state))
+            elif inserted_or_deleted:
+                pending.everything = True
+            else:
+                self._related_changed(obj, state, pending)
+        except Exception:
+            # Never break the flush over bookkeeping (a user_id= callable that needs an
+            # attribute this row no longer has, say): fall back to invalidating all.
+            log.debug("could not tell which users %r affects; invalidating all on commit", obj, exc_info=True)
             pending.everything = True
-        else:
-            self._related_changed(obj, state, pending)
 
     def _ids_of(self, state: InstanceState) -> Iterable[Hashable]:
         yield self._id(state)
-        if self._user_id is None and state.key is not None:
+        if self._user_id is None and state.key is not None and self._pk_key in state.dict:
             # A changed primary key: the row is now known by its new id as well.
-            current = state.mapper.primary_key_from_instance(state.obj())
-            if current and str(current[0]) != str(state.key[1][0]):
-                yield str(current[0])
+            current = str(state.dict[self._pk_key])
+            if current != str(state.key[1][0]):
+                yield current
 
     def _related_changed(self, obj: Any, state: InstanceState, pending: _Pending) -> None:
         """A role changed: exactly its users when only its user collection moved, else all."""

@@ -604,3 +604,68 @@ def test_the_root_package_does_not_import_sqlalchemy():
     code = "import sys, identity_middleware; print('sqlalchemy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_user_id_callable_names_the_cache_key(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+    binding = bind_sqlalchemy(w.cache, w.db, User, relationships=("roles",), user_id=lambda user: user.email)
+    loads = []
+
+    def by_email(email):
+        loads.append(email)
+        return w.db.scalars(select(User).where(User.email == email)).one_or_none()
+
+    try:
+        for email in ("alice@x", "bob@x"):
+            w.db.remove()
+            w.cache.get(email, by_email)
+        w.db.remove()
+        w.db.get(User, 2).active = False
+        w.db.commit()
+        w.db.remove()
+        assert w.cache.get("bob@x", by_email).active is False
+        w.cache.get("alice@x", by_email)
+        assert loads == ["alice@x", "bob@x", "bob@x"]
+    finally:
+        binding.remove()
+        w.db.remove()
+
+
+def test_a_user_id_callable_that_fails_mid_flush_invalidates_all_and_the_commit_succeeds(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+
+    def user_id(user):
+        if user.email.endswith("@gone"):
+            raise LookupError("no id for this row")
+        return user.email
+
+    binding = bind_sqlalchemy(w.cache, w.db, User, relationships=("roles",), user_id=user_id)
+    loads = []
+
+    def by_email(email):
+        loads.append(email)
+        return w.db.scalars(select(User).where(User.email == email)).one_or_none()
+
+    try:
+        w.cache.get("alice@x", by_email)
+        w.db.remove()
+        w.db.get(User, 2).email = "bob@gone"
+        w.db.commit()
+        w.db.remove()
+        assert w.db.get(User, 2).email == "bob@gone"
+        w.cache.get("alice@x", by_email)
+        assert loads == ["alice@x", "alice@x"]
+    finally:
+        binding.remove()
+        w.db.remove()
+
+
+def test_changing_a_primary_key_invalidates_the_old_and_the_new_id(world):
+    assert world.request(5) is None  # a negative entry for the id about to appear
+    _warm(world, 2)
+    world.db.get(User, 2).id = 5
+    world.db.commit()
+    assert world.request(2) is None
+    assert world.request(5).email == "bob@x"
