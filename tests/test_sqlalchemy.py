@@ -281,6 +281,17 @@ def test_loader_that_sees_its_own_uncommitted_change_does_not_poison_the_cache(w
     assert world.loads == ["1", "1"]
 
 
+def test_a_loader_that_sees_a_pending_role_caches_nothing_of_it(world):
+    world.db.remove()
+    mine = world.db.get(User, 1)
+    mine.roles.append(Role(id=9, name="pending"))  # not flushed: no identity yet
+    got = world.get()
+    assert got is mine and [r.name for r in got.roles] == ["admin", "editor", "pending"]
+    world.db.rollback()
+    assert [r.name for r in world.request().roles] == ["admin", "editor"]
+    assert world.loads == ["1", "1"]
+
+
 # -- invalidation after commit ----------------------------------------------------------------
 
 
