@@ -44,9 +44,12 @@ keeps serving its cached entry until the replay arrives or the entry's TTL ends.
 
 **Workers.** The listener thread is a daemon and :meth:`RedisVersionStore.close`
 stops it within a poll interval. After ``os.fork()`` (gunicorn ``--preload``) the
-child drops the parent's thread, subscription and pending bumps, takes a new
-process token and starts its own listener on first use; redis-py's connection pool
-already refuses to share sockets across a fork.
+child drops the parent's mirror, thread, subscription and pending bumps, takes a
+new process token and starts its own listener on first use; redis-py's connection
+pool already refuses to share sockets across a fork. This relies on
+``os.register_at_fork``, which ``os.fork``, ``multiprocessing`` and gunicorn go
+through; a C extension that forks without ``PyOS_AfterFork_Child`` would leave the
+child trusting a mirror nobody updates.
 """
 
 from __future__ import annotations
@@ -326,6 +329,8 @@ class RedisVersionStore:
 
     def wait_synced(self, timeout: float) -> bool:
         """Start the listener if needed and wait up to ``timeout`` s for a trusted mirror."""
+        if self._closed:
+            return False
         self._start_if_needed()
         return self._synced.wait(timeout)
 
@@ -378,6 +383,8 @@ class RedisVersionStore:
         self._closed = closed
 
     def _start_if_needed(self) -> None:
+        if self._pid != os.getpid():  # forked by C code that skipped the at-fork hooks
+            self._after_fork_in_child()
         if self._thread is None and not self._closed:
             self._start()
 
@@ -385,9 +392,6 @@ class RedisVersionStore:
         with self._lock:
             if self._thread is not None or self._closed:
                 return
-            if self._pid != os.getpid():  # forked without os.fork's hooks
-                self._after_fork_in_child()
-                return self._start()
             self._stop = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
