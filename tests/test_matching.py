@@ -346,7 +346,11 @@ SEGMENTS = [
 @st.composite
 def hostile_paths(draw) -> str:
     segments = draw(st.lists(st.sampled_from(SEGMENTS) | st.text(max_size=4), min_size=0, max_size=5))
-    lead = draw(st.sampled_from(["/", "//", "", "/static/", "/widgets/static/", "/assets/"]))
+    lead = draw(
+        st.sampled_from(
+            ["/", "//", "", "/static/", "/widgets/static/", "/assets/", "/static/config.js", "/files/x.css"]
+        )
+    )
     return lead + "/".join(segments)
 
 
