@@ -170,11 +170,16 @@ def table(outcomes: list[Outcome]) -> str:
                 for k, v in row.items()
                 if k not in _IDENTITY_KEYS and k != time_key and k not in used and v is not None
             ]
+            shown_time = _time(us)
+            if time_key is not None and time_key not in _TIME_KEYS:
+                # Not a per-operation time (a percentile, say): name what it is.
+                stem = time_key.removesuffix(f"_{time_key[-2:]}").removeprefix(f"{time_key[:2]}_")
+                shown_time = f"{stem.replace('_', ' ')} {shown_time}"
             cells = [
                 row.get("benchmark") or outcome.module,
                 row.get("case", ""),
                 row.get("variant") or row.get("name", ""),
-                _time(us),
+                shown_time,
                 ", ".join(shown),
                 "; ".join(notes),
             ]
