@@ -27,7 +27,6 @@ from flask.cli import AppGroup
 
 from . import log
 from .matching import is_static_endpoint
-from .middleware import _static_folder
 from .versions import LocalVersionStore
 
 if TYPE_CHECKING:
@@ -94,6 +93,8 @@ def status() -> None:
 
 
 def _echo_mounts(app: Flask, middleware: Any) -> None:
+    from .middleware import _static_folder  # here: the middleware module imports this one
+
     classifier = middleware.classifier
     click.echo("\nStatic mounts (static when the URL map routes the path to the static endpoint):")
     if not classifier.mounts:
