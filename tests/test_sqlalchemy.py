@@ -384,6 +384,16 @@ def test_orm_bulk_statements_on_watched_models_reload_everyone(world, statement)
     assert world.loads == ["1", "2"]
 
 
+def test_legacy_query_update_and_delete_are_seen_too(world):
+    _warm(world, 1, 2)
+    world.db.query(User).filter(User.id == 2).update({"email": "legacy@x"})
+    world.db.commit()
+    assert world.request(2).email == "legacy@x"
+    world.db.query(Role).filter(Role.id == 2).delete()
+    world.db.commit()
+    assert [r.name for r in world.request(1).roles] == ["admin"]
+
+
 def test_bulk_update_is_seen_by_the_next_request(world):
     _warm(world, 2)
     world.db.execute(update(User).where(User.id == 2).values(active=False))
