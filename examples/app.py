@@ -185,6 +185,9 @@ def create_app(
     with app.app_context():
         seed()
         stats.engine = db.engine
+        # Leave no pooled connection behind: a server that forks workers after
+        # importing the app (gunicorn --preload) must not share one between them.
+        db.engine.dispose()
 
     if middleware:
         from identity_middleware import IdentityMiddleware
