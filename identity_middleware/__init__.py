@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cache import CacheStats, UserCache
 from .config import ConfigError
 from .middleware import IdentityMiddleware, is_static_request
 from .static import StaticFiles
 from .versions import LocalVersionStore, VersionStore
 
 __all__ = [
+    "UserCache",
+    "CacheStats",
     "IdentityMiddleware",
     "is_static_request",
     "StaticFiles",
