@@ -26,13 +26,14 @@ serves it. Never list a page that needs the logged-in user.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from flask import Flask
 
-from . import config
+from . import config, timing
 from .config import ConfigError
 from .flask_hooks import MARK
 from .matching import Classifier, Decision, canonical_problem
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["IdentityMiddleware", "is_static_request", "MARK"]
 
 _SETTINGS = ("IDENTITY_STATIC_PATHS", "IDENTITY_SERVE_STATIC", "IDENTITY_DEBUG_HEADERS")
+
+_log = logging.getLogger(__name__)
 
 
 class IdentityMiddleware:
@@ -76,6 +79,7 @@ class IdentityMiddleware:
         "listed",
         "_classifier",
         "_files",
+        "_debug_headers",
         "_ready",
         "_lock",
     )
@@ -109,6 +113,7 @@ class IdentityMiddleware:
         #: Listed paths: the setting plus the prefixes of ``static_dirs``.
         self.listed: tuple[str, ...] = tuple(dict.fromkeys((*listed_paths.value, *self.static_dirs)))
         self._files: Callable[[WSGIEnvironment, StartResponse], Any] | None = None
+        self._debug_headers: bool = self.settings["IDENTITY_DEBUG_HEADERS"].value
         self._lock = threading.Lock()
         if self.app is None:
             self._classifier: Classifier | None = Classifier(None, self.listed)
@@ -118,6 +123,10 @@ class IdentityMiddleware:
 
             flask_hooks.verify_internals()  # a missing internal fails here, at startup
             self.app.extensions["identity_middleware"] = self
+            from . import cli
+
+            cli.register(self.app)  # `flask identity ...`
+            timing.install(self.app, enabled=self._debug_headers)
             # Routes, blueprints and extensions may still be added after wrapping;
             # the classifier and the hooks are built on the first request.
             self._classifier = None
@@ -126,12 +135,23 @@ class IdentityMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if not self._ready:
             self._setup()
-        if self._classifier.classify(environ):  # type: ignore[union-attr]
+        marked = self._classifier.classify(environ)  # type: ignore[union-attr]
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s %r static=%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), marked)
+        if marked:
             environ[MARK] = True
             if self._files is not None:
-                response = self._files(environ, start_response)
-                if response is not None:
-                    return response  # type: ignore[no-any-return]
+                return self._serve(environ, start_response)
+        return self.wsgi_app(environ, start_response)
+
+    def _serve(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Answer an indexed file before Flask, or fall through to the app."""
+        respond = start_response
+        if self._debug_headers:
+            respond = timing.start_response_with_header(start_response, "static")
+        response = self._files(environ, respond)  # type: ignore[misc]
+        if response is not None:
+            return response  # type: ignore[no-any-return]
         return self.wsgi_app(environ, start_response)
 
     # -- setup ------------------------------------------------------------------------
@@ -153,6 +173,9 @@ class IdentityMiddleware:
         if self.settings["IDENTITY_SERVE_STATIC"].value:
             files = self._static_files(classifier)
         self._classifier, self._files = classifier, files
+        from . import log
+
+        log.startup(self)  # one INFO line per app with the effective settings
 
     def _static_files(self, classifier: Classifier) -> Callable[..., Any]:
         from .static import StaticFiles  # serve mode only
