@@ -11,8 +11,9 @@ connections are pinned, the next request waits pool_timeout and fails with
 "QueuePool limit of size 5 overflow 10 reached". With the middleware, static
 requests never touch the pool.
 
-Each test creates its own database ``im_pool_<random>`` and drops it. Outside CI
-the PostgreSQL tests skip when the server is unreachable; in CI they fail.
+Each PostgreSQL test gets a database of its own (conftest's ``postgres_url``),
+dropped afterwards. Outside CI the PostgreSQL tests skip when the server is
+unreachable; in CI they fail.
 """
 
 from __future__ import annotations
@@ -21,54 +22,24 @@ import contextlib
 import http.client
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from flask import Blueprint, got_request_exception
-from werkzeug.serving import make_server
 
-from conftest import POSTGRES_ADMIN_URL, require_service
+from conftest import POSTGRES_ADMIN_URL
 from examples.app import create_app
+from servers import log_in, serving
 
 POOL = {"pool_size": 5, "max_overflow": 10, "pool_timeout": 2}
 CONCURRENT = 40
 SLOW = POOL["pool_timeout"] + 1.5  # seconds a static file takes on the slow storage below
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    name = f"im_pool_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def _app(url: str, *, middleware: bool):
     return create_app(url, middleware=middleware, cache=middleware, config={"SQLALCHEMY_ENGINE_OPTIONS": dict(POOL)})
-
-
-@contextlib.contextmanager
-def _serving(app) -> Iterator[int]:
-    """The app behind werkzeug's threaded server on a free loopback port."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 class _PoolWatch:
@@ -99,19 +70,6 @@ def _checkouts(engine) -> Iterator[_PoolWatch]:
     finally:
         sa.event.remove(engine, "checkout", watch.checkout)
         sa.event.remove(engine, "checkin", watch.checkin)
-
-
-def _login(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request(
-        "POST", "/login", body="email=alice%40example.com", headers={"Content-Type": "application/x-www-form-urlencoded"}
-    )
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 302
-    cookie = response.getheader("Set-Cookie").split(";", 1)[0]
-    conn.close()
-    return cookie
 
 
 def _burst(port: int, cookie: str, path: str) -> Counter:
@@ -159,8 +117,8 @@ def _idle_in_transaction(database: str) -> int:
 
 def _static_burst(app) -> tuple[_PoolWatch, Counter]:
     engine = app.extensions["example"].engine
-    with _serving(app) as port:
-        cookie = _login(port)
+    with serving(app) as port:
+        cookie = log_in(port)
         with _checkouts(engine) as watch:
             statuses = _burst(port, cookie, "/static/app.css")
     return watch, statuses
@@ -168,7 +126,7 @@ def _static_burst(app) -> tuple[_PoolWatch, Counter]:
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_concurrent_static_requests_check_out_no_connection_with_the_middleware(backend, request, tmp_path):
-    url = request.getfixturevalue("pg_url") if backend == "postgresql" else f"sqlite:///{tmp_path / 'pool.db'}"
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"sqlite:///{tmp_path / 'pool.db'}"
     naive = _app(url, middleware=False)
     wrapped = _app(url, middleware=True)
     try:
@@ -196,7 +154,7 @@ class _SlowStorageBlueprint(Blueprint):
         return super().send_static_file(filename)
 
 
-def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_middleware_one(pg_url, tmp_path):
+def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_middleware_one(postgres_url, tmp_path):
     """The report's failure, then its absence, under the same traffic.
 
     The naive app loads the user in ``before_request``, so each static request holds
@@ -208,10 +166,10 @@ def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_midd
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "report.css").write_text("body { color: #333 }\n" * 100)
-    database = pg_url.rsplit("/", 1)[1]
+    database = postgres_url.rsplit("/", 1)[1]
     report = {}
     for middleware in (False, True):
-        app = _app(pg_url, middleware=middleware)
+        app = _app(postgres_url, middleware=middleware)
         app.register_blueprint(  # registered after wrapping: the middleware still sees it
             _SlowStorageBlueprint("slow", __name__, static_folder=str(assets), static_url_path="/static", url_prefix="/slow")
         )
@@ -221,8 +179,8 @@ def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_midd
         )
         engine = app.extensions["example"].engine
         try:
-            with _serving(app) as port:
-                cookie = _login(port)
+            with serving(app) as port:
+                cookie = log_in(port)
                 with _checkouts(engine) as watch:
                     idle: list[int] = []
                     sampler = _Sampler(lambda: idle.append(_idle_in_transaction(database)))

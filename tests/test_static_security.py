@@ -9,20 +9,18 @@ it, and behind symlinks; every answer is checked for their bytes.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from werkzeug.serving import make_server
 
 from identity_middleware.static import StaticFiles
+from servers import in_front, serving
 
 SECRET = b"TOPSECRET-OUTSIDE"
 DOT_SECRET = b"TOPSECRET-DOTFILE"
@@ -74,32 +72,6 @@ def build_tree(root: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return build_tree(str(tmp_path_factory.mktemp("security")))
-
-
-def fallback_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    start_response("404 Not Found", [("X-Fallback", "1"), ("Content-Length", "8")])
-    return [b"fallback"]
-
-
-def in_front(files: StaticFiles) -> Any:
-    def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
-        response = files(environ, start_response)
-        return fallback_app(environ, start_response) if response is None else response
-
-    return dispatch
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[int]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def make_files(tree: dict[str, Any], mode: str, **options: Any) -> StaticFiles:

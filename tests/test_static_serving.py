@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import http.client
 import os
 import shutil
 import socket
-import threading
 import time
-import wsgiref.simple_server
 import wsgiref.util
 from collections.abc import Iterator
-from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 from flask import Flask
-from werkzeug.serving import make_server
 
 from identity_middleware import ConfigError
 from identity_middleware.static import StaticFiles
+from servers import fetch, in_front, serving, serving_with_wsgiref
 
 CSS = b"".join(b".rule-%04d { color: #0a0b0c; }\n" % i for i in range(70))[:2048]
 JS = b"function hello() { return 'hello world'; }\n" * 40
@@ -65,62 +61,6 @@ def build_tree(root: Any) -> str:
     for name, data in files.items():
         _write(os.path.join(static, name), data)
     return static
-
-
-# -- a real server --------------------------------------------------------------------
-
-
-def fallback_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    body = b"fallback " + environ["REQUEST_METHOD"].encode()
-    start_response("404 Not Found", [("X-Fallback", "1"), ("Content-Length", str(len(body)))])
-    return [body]
-
-
-def in_front(files: StaticFiles, app: Any = fallback_app) -> Any:
-    """What the middleware does in serve mode: ask StaticFiles, else the app."""
-
-    def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
-        response = files(environ, start_response)
-        return app(environ, start_response) if response is None else response
-
-    return dispatch
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[int]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def __getitem__(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-
-def fetch(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> Reply:
-    """One request; unlike ``conn.request`` no ``Accept-Encoding`` is added unless given."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        response = conn.getresponse()
-        return Reply(response.status, response.headers, response.read())
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -563,20 +503,9 @@ def test_a_large_file_uses_the_servers_file_wrapper_when_offered(static_dir: str
         returned.append(in_front(files)(environ, start_response))
         return returned[-1]
 
-    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        reply = fetch(server.server_port, "/static/big.bin")
-        small = fetch(server.server_port, "/static/app.css")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving_with_wsgiref(app) as server_port:
+        reply = fetch(server_port, "/static/big.bin")
+        small = fetch(server_port, "/static/app.css")
     assert reply.body == BIG and small.body == CSS
     assert isinstance(returned[0], wsgiref.util.FileWrapper)
     assert not isinstance(returned[1], wsgiref.util.FileWrapper)  # small files come from memory

@@ -13,10 +13,8 @@ app logged in and counts SQL statements and Flask requests for the assets.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -25,9 +23,9 @@ from typing import Any
 import pytest
 from conftest import count_sql
 from flask import Blueprint, Flask, request_started
-from werkzeug.serving import make_server
 
 from identity_middleware import IdentityMiddleware
+from servers import Reply, fetch, log_in, serving
 
 CSS = b"".join(b".parity-%04d { margin: 0; }\n" % i for i in range(100))
 BIG = bytes(range(251)) * 5000  # > 64 KiB: streamed from disk
@@ -72,42 +70,6 @@ def make_app(folders: tuple[str, str], **config: Any) -> Flask:
         return "dynamic"
 
     return app
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[int]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def __getitem__(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-
-def fetch(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        response = conn.getresponse()
-        return Reply(response.status, response.headers, response.read())
-    finally:
-        conn.close()
 
 
 @dataclass
@@ -336,18 +298,6 @@ def test_difference_a_precompressed_sibling_is_sent_when_accepted(pair: Pair) ->
 # -- end to end: the example app in serve mode --------------------------------------------
 
 
-def _log_in(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    body = "email=alice%40example.com"
-    conn.request("POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded"})
-    response = conn.getresponse()
-    response.read()
-    conn.close()
-    assert response.status == 302
-    cookie = response.headers["Set-Cookie"]
-    return cookie.split(";", 1)[0]
-
-
 @pytest.mark.parametrize("serve_static", [True, False])
 def test_logged_in_page_load_runs_no_sql_for_assets_and_skips_flask_in_serve_mode(
     sqlite_url: str, serve_static: bool
@@ -366,7 +316,7 @@ def test_logged_in_page_load_runs_no_sql_for_assets_and_skips_flask_in_serve_mod
     request_started.connect(started, app)
     try:
         with serving(app) as port:
-            cookie = {"Cookie": _log_in(port)}
+            cookie = {"Cookie": log_in(port)}
             page = fetch(port, "/", cookie)
             assert page.status == 200 and b"admin" in page.body  # the user and roles were loaded
             assets = re.findall(rb'(?:href|src)="(/[^"]+)"', page.body)
