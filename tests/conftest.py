@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import event
@@ -21,15 +23,29 @@ POSTGRES_ADMIN_URL = os.environ.get("IDENTITY_TEST_POSTGRES", "postgresql+psycop
 REDIS_URL = os.environ.get("IDENTITY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip with a one-line reason -- or fail, in CI, where every service must be there."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: fails instead of skipping)")
+    pytest.skip(reason)
+
+
 def require_service(name: str, host: str, port: int) -> None:
     """Skip (outside CI) or fail (in CI) when ``host:port`` does not accept connections."""
     try:
         socket.create_connection((host, port), timeout=1).close()
     except OSError as exc:
-        message = f"{name} not reachable at {host}:{port} ({exc})"
-        if IN_CI:
-            pytest.fail(f"{message}; CI must run service tests")
-        pytest.skip(message)
+        unavailable(f"{name} not reachable at {host}:{port} ({exc})")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; no fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 @contextlib.contextmanager

@@ -16,17 +16,7 @@ import subprocess
 import tempfile
 import time
 
-import pytest
-
-def ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip with a one-line reason -- or fail, in CI, where every service must be there."""
-    if ci():
-        pytest.fail(reason)
-    pytest.skip(reason)
+from conftest import unavailable
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI
+from conftest import unavailable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -53,12 +53,6 @@ def _cache_root() -> Path:
         return root
     except OSError:
         return Path(tempfile.gettempdir()) / "identity_middleware-cache"
-
-
-def _unavailable(message: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{message}; CI must run Flask-Login's suite")
-    pytest.skip(message)
 
 
 def _extract_tests(sdist: Path, target: Path) -> None:
@@ -93,8 +87,8 @@ def suite_dir() -> Path:
         )
         sdists = list(Path(tmp).glob("*.tar.gz"))
         if download.returncode != 0 or not sdists:
-            _unavailable(f"cannot download the Flask-Login {FLASK_LOGIN_VERSION} sdist: "
-                         f"{download.stderr.strip().splitlines()[-1:] or download.returncode}")
+            unavailable(f"cannot download the Flask-Login {FLASK_LOGIN_VERSION} sdist: "
+                        f"{download.stderr.strip().splitlines()[-1:] or download.returncode}")
         staged = Path(tmp) / "staged"
         _extract_tests(sdists[0], staged)
         (staged / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")

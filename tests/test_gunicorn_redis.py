@@ -33,10 +33,8 @@ pytest.importorskip("gunicorn")
 pytest.importorskip("psycopg")
 pytest.importorskip("redis")
 
-try:
-    from tests.redis_server import RedisServer, free_port
-except ImportError:  # tests/ itself is on sys.path (no package __init__)
-    from redis_server import RedisServer, free_port  # type: ignore[no-redef]
+from conftest import wait_for  # noqa: E402
+from redis_server import RedisServer, free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 3
@@ -218,15 +216,6 @@ def warnings_logged(site: Site, text: str) -> int:
     return sum(text in line for line in site.stderr.read_text().splitlines())
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -278,7 +267,7 @@ def test_killing_redis_serves_every_request_fresh_then_hits_resume(site, redis_s
     for outage in (1, 2):  # several outages: nothing accumulates
         redis_server.kill()
         # Each worker's listener notices and says so (WARNING under identity_middleware).
-        assert wait_for(lambda: warnings_logged(site, "lost the link to Redis") >= WORKERS * outage, 10)
+        assert wait_for(lambda: warnings_logged(site, "lost the link to Redis") >= WORKERS * outage, 10, interval=0.02)
         down_start = time.monotonic()
         down = site.fetch_many("/me", 30)
         down_end = time.monotonic()

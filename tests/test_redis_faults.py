@@ -14,26 +14,12 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
+from conftest import wait_for  # noqa: E402
 from identity_middleware import RedisVersionStore, UserCache  # noqa: E402
-
-try:
-    from tests.redis_server import RedisServer, free_port
-except ImportError:  # tests/ itself is on sys.path (no package __init__)
-    from redis_server import RedisServer, free_port  # type: ignore[no-redef]
+from redis_server import RedisServer, free_port  # noqa: E402
 
 #: The issue's promise: after Redis is back, hits resume within this many seconds.
 RESUME_BOUND = 2.0
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import gzip
 import os
 import shutil
 import socket
-import time
 import wsgiref.util
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -23,6 +22,7 @@ import pytest
 from flask import Flask
 
 from identity_middleware import ConfigError
+from conftest import wait_for
 from identity_middleware.static import StaticFiles
 from servers import fetch, in_front, serving, serving_with_wsgiref
 
@@ -515,16 +515,7 @@ def test_no_file_handle_stays_open_after_requests(port: int, static_dir: str) ->
     big = os.path.realpath(os.path.join(static_dir, "big.bin"))
     for headers in ({}, {"Range": "bytes=10-20"}, {"Range": "bytes=-5"}):
         assert fetch(port, "/static/big.bin", headers).status in (200, 206)
-    assert _wait_until(lambda: open_fds_to(big) == 0)
-
-
-def _wait_until(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+    assert wait_for(lambda: open_fds_to(big) == 0, 10)
 
 
 def test_file_handle_is_closed_when_the_client_goes_away(tmp_path: Any) -> None:
@@ -539,10 +530,10 @@ def test_file_handle_is_closed_when_the_client_goes_away(tmp_path: Any) -> None:
         received = client.recv(65536)
         assert received.startswith(b"HTTP/1.1 200")
         path = os.path.realpath(huge)
-        assert _wait_until(lambda: open_fds_to(path) == 1)  # the server is mid-body
+        assert wait_for(lambda: open_fds_to(path) == 1, 10)  # the server is mid-body
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()  # reset: the server's next write fails
-        assert _wait_until(lambda: open_fds_to(path) == 0)
+        assert wait_for(lambda: open_fds_to(path) == 0, 10)
 
 
 # -- the index is a snapshot; autorefresh is not ---------------------------------------
