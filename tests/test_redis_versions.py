@@ -22,24 +22,11 @@ import pytest
 
 redis = pytest.importorskip("redis")
 
+from conftest import wait_for  # noqa: E402
 from identity_middleware import ConfigError, RedisVersionStore, UserCache  # noqa: E402
-
-try:
-    from tests.redis_server import RedisServer
-except ImportError:  # tests/ itself is on sys.path (no package __init__)
-    from redis_server import RedisServer  # type: ignore[no-redef]
+from redis_server import RedisServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes; no fixed sleeps."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture
@@ -311,35 +298,29 @@ def test_password_in_the_url(caplog):
             bad.close()
 
 
+def assert_a_bump_reaches_another_store(url: str) -> None:
+    """Two stores on ``url``: one bumps, the other sees the stamp move."""
+    a = RedisVersionStore(url, prefix="p:")
+    b = RedisVersionStore(url, prefix="p:")
+    try:
+        synced(a), synced(b)
+        before = b.stamp("1")
+        a.bump("1")
+        assert wait_for(lambda: b.stamp("1") != before)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_unix_socket_url(tmp_path):
     sock = str(tmp_path / "redis.sock")
     with RedisServer(extra=("--unixsocket", sock, "--unixsocketperm", "700")):
-        a = RedisVersionStore(f"unix://{sock}?db=0", prefix="p:")
-        b = RedisVersionStore(f"unix://{sock}?db=0", prefix="p:")
-        try:
-            synced(a), synced(b)
-            before = b.stamp("1")
-            a.bump("1")
-            assert wait_for(lambda: b.stamp("1") != before)
-        finally:
-            a.close()
-            b.close()
+        assert_a_bump_reaches_another_store(f"unix://{sock}?db=0")
 
 
 def test_rediss_url_with_tls():
-    server = RedisServer(tls=True)
-    with server:
-        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={server.ca_file}"
-        a = RedisVersionStore(url, prefix="p:")
-        b = RedisVersionStore(url, prefix="p:")
-        try:
-            synced(a), synced(b)
-            before = b.stamp("1")
-            a.bump("1")
-            assert wait_for(lambda: b.stamp("1") != before)
-        finally:
-            a.close()
-            b.close()
+    with RedisServer(tls=True) as server:
+        assert_a_bump_reaches_another_store(f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={server.ca_file}")
 
 
 # -- several processes ---------------------------------------------------------------
