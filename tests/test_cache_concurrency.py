@@ -45,21 +45,27 @@ def run_threads(count, target):
     return results
 
 
+def get_all_at_once(cache, count, loader):
+    """``count`` threads released together, each calling ``cache.get("1", loader)``."""
+    barrier = threading.Barrier(count)
+
+    def get(_):
+        barrier.wait(JOIN_TIMEOUT)
+        return cache.get("1", loader)
+
+    return run_threads(count, get)
+
+
 def test_stampede_on_a_cold_key_runs_one_load():
     cache = UserCache()
     calls = []
-    barrier = threading.Barrier(32)
 
     def slow_loader(user_id):
         calls.append(user_id)
         time.sleep(0.05)
         return {"id": user_id}
 
-    def get(_):
-        barrier.wait(JOIN_TIMEOUT)
-        return cache.get("1", slow_loader)
-
-    results = run_threads(32, get)
+    results = get_all_at_once(cache, 32, slow_loader)
     assert len(calls) == 1
     assert all(kind == "ok" for kind, _ in results)
     values = {id(value) for _, value in results}
@@ -85,17 +91,12 @@ def test_waiters_each_get_their_own_handout_from_the_adapter():
             return list(stored)
 
     cache.adapter = adapter = Adapter()
-    barrier = threading.Barrier(8)
 
     def slow_loader(user_id):
         time.sleep(0.05)
         return ["alice", "admin"]
 
-    def get(_):
-        barrier.wait(JOIN_TIMEOUT)
-        return cache.get("1", slow_loader)
-
-    results = run_threads(8, get)
+    results = get_all_at_once(cache, 8, slow_loader)
     values = [value for _, value in results]
     assert all(value == ["alice", "admin"] for value in values)
     assert len({id(value) for value in values}) == 8
@@ -105,7 +106,6 @@ def test_waiters_each_get_their_own_handout_from_the_adapter():
 def test_a_loader_that_raises_once_releases_every_caller_and_one_retries():
     cache = UserCache()
     calls = []
-    barrier = threading.Barrier(32)
 
     def flaky(user_id):
         calls.append(user_id)
@@ -114,11 +114,7 @@ def test_a_loader_that_raises_once_releases_every_caller_and_one_retries():
             raise ConnectionError("database restarting")
         return "alice"
 
-    def get(_):
-        barrier.wait(JOIN_TIMEOUT)
-        return cache.get("1", flaky)
-
-    results = run_threads(32, get)
+    results = get_all_at_once(cache, 32, flaky)
     errors = [value for kind, value in results if kind == "error"]
     assert len(errors) == 1 and isinstance(errors[0], ConnectionError)
     assert [value for kind, value in results if kind == "ok"] == ["alice"] * 31
@@ -133,7 +129,6 @@ def test_a_loader_that_always_raises_fails_every_caller_one_at_a_time():
     cache = UserCache()
     running = []
     overlap = []
-    barrier = threading.Barrier(16)
 
     def broken(user_id):
         running.append(1)
@@ -142,11 +137,7 @@ def test_a_loader_that_always_raises_fails_every_caller_one_at_a_time():
         running.pop()
         raise ConnectionError("down")
 
-    def get(_):
-        barrier.wait(JOIN_TIMEOUT)
-        return cache.get("1", broken)
-
-    results = run_threads(16, get)
+    results = get_all_at_once(cache, 16, broken)
     assert all(kind == "error" and isinstance(value, ConnectionError) for kind, value in results)
     assert max(overlap) == 1  # retries are one at a time, never a stampede
     assert cache.stats().size == 0 and cache.stats().load_errors == len(overlap)
