@@ -56,6 +56,13 @@ def cache(clock):
     return UserCache(ttl=60, negative_ttl=5, maxsize=100, timer=clock)
 
 
+@pytest.fixture
+def two_caches(clock):
+    """Two caches sharing one version store: two workers sharing Redis, in one process."""
+    store = LocalVersionStore()
+    return UserCache(versions=store, timer=clock), UserCache(versions=store, timer=clock)
+
+
 # -- keys, hits, misses ---------------------------------------------------------------
 
 
@@ -236,10 +243,9 @@ def test_invalidate_all_reloads_everyone(cache):
     assert cache.stats().invalidations == 1
 
 
-def test_invalidation_reaches_another_cache_sharing_the_version_store(clock):
+def test_invalidation_reaches_another_cache_sharing_the_version_store(two_caches):
     # What RedisVersionStore does across processes, with two caches in one process.
-    store = LocalVersionStore()
-    here, there = (UserCache(versions=store, timer=clock) for _ in range(2))
+    here, there = two_caches
     users = Users()
     there.get("1", users)
     here.invalidate("1")
@@ -259,9 +265,8 @@ def test_an_entry_is_stale_as_soon_as_its_stamp_moves(cache):
     assert len(users.calls) == 2
 
 
-def test_clear_empties_this_cache_without_bumping_versions(clock):
-    store = LocalVersionStore()
-    here, there = (UserCache(versions=store, timer=clock) for _ in range(2))
+def test_clear_empties_this_cache_without_bumping_versions(two_caches):
+    here, there = two_caches
     users = Users()
     here.get("1", users)
     there.get("1", users)
