@@ -125,12 +125,24 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path / "db.sqlite")
-    yield w
-    w.binding.remove()
-    w.db.remove()
-    w.engine.dispose()
+def make_world(tmp_path):
+    """``World(**options)`` on a fresh file, torn down after the test."""
+    worlds: list[World] = []
+
+    def make(**options) -> World:
+        worlds.append(World(tmp_path / "db.sqlite", **options))
+        return worlds[-1]
+
+    yield make
+    for w in worlds:
+        w.binding.remove()
+        w.db.remove()
+        w.engine.dispose()
+
+
+@pytest.fixture
+def world(make_world):
+    return make_world()
 
 
 # -- what a hit hands out -----------------------------------------------------------------
@@ -248,18 +260,14 @@ def test_overlapping_callers_each_get_a_distinct_object(world):
     assert world.loads == ["1"]
 
 
-def test_nested_relationships_and_many_to_one_are_loaded_once_and_served_without_sql(tmp_path):
-    w = World(tmp_path / "db.sqlite", relationships=("roles", "roles.permissions", "team"))
-    try:
-        w.request()
-        with count_sql(w.engine) as statements:
-            user = w.request()
-            seen = (user.team.name, [(r.name, [p.name for p in r.permissions]) for r in user.roles])
-        assert statements == []
-        assert seen == ("core", [("admin", ["manage"]), ("editor", [])])
-    finally:
-        w.binding.remove()
-        w.db.remove()
+def test_nested_relationships_and_many_to_one_are_loaded_once_and_served_without_sql(make_world):
+    w = make_world(relationships=("roles", "roles.permissions", "team"))
+    w.request()
+    with count_sql(w.engine) as statements:
+        user = w.request()
+        seen = (user.team.name, [(r.name, [p.name for p in r.permissions]) for r in user.roles])
+    assert statements == []
+    assert seen == ("core", [("admin", ["manage"]), ("editor", [])])
 
 
 def test_relationships_not_named_still_lazy_load_through_the_session(world):
