@@ -125,8 +125,9 @@ def _run_suite(suite: Path, mode: str, tmp_path: Path) -> tuple[subprocess.Compl
     return result, plugin_report, counts
 
 
-def test_flask_login_suite_passes_with_the_middleware_around_every_app(suite_dir, tmp_path):
-    result, report, counts = _run_suite(suite_dir, "middleware", tmp_path)
+def _assert_wrapped_run_passes(suite: Path, mode: str, tmp_path: Path) -> dict:
+    """Run the suite in ``mode``: every test passed, and the plugin did wrap it; the report."""
+    result, report, counts = _run_suite(suite, mode, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert counts["tests"] - counts["skipped"] > MIN_TESTS, counts
     assert counts["failures"] == counts["errors"] == 0, counts
@@ -134,15 +135,15 @@ def test_flask_login_suite_passes_with_the_middleware_around_every_app(suite_dir
     # and the suite's static tests went through the static branch.
     assert report["apps_wrapped"] > MIN_TESTS, report
     assert report["static_requests"] >= 2, report
+    return report
+
+
+def test_flask_login_suite_passes_with_the_middleware_around_every_app(suite_dir, tmp_path):
+    _assert_wrapped_run_passes(suite_dir, "middleware", tmp_path)
 
 
 def test_flask_login_suite_passes_with_a_user_cache_around_every_loader(suite_dir, tmp_path):
-    result, report, counts = _run_suite(suite_dir, "cache", tmp_path)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert counts["tests"] - counts["skipped"] > MIN_TESTS, counts
-    assert counts["failures"] == counts["errors"] == 0, counts
-    assert report["apps_wrapped"] > MIN_TESTS, report
-    assert report["static_requests"] >= 2, report
+    report = _assert_wrapped_run_passes(suite_dir, "cache", tmp_path)
     assert report["loaders_cached"] > 10, report
     # Requests were answered from the cache, so the suite exercised hits, not only loads.
     assert report["cache_stats"]["hits"] > 0, report
