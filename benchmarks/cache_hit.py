@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from typing import Any, Callable
+
+from ._common import markdown_table, standalone
 
 BENCHMARK = "cache_hit"
 
@@ -317,7 +317,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| case | variant | us | ratio |", "| --- | --- | ---: | ---: |"]
+    cells = []
     for row in rows:
         if "us_per_call" in row:
             us = f"{row['us_per_call']:.3f}"
@@ -325,19 +325,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
         else:
             us = f"{row['us_per_request']:.1f}"
             ratio = f"{row['vs_bare']:.2f}x bare Flask"
-        lines.append(f"| {row['case']} | {row['variant']} | {us} | {ratio} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in argv)
-    print(
-        f"User cache hit -- {platform.python_implementation()} {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} cores"
-    )
-    print(_table(rows))
+        cells.append((row["case"], row["variant"], us, ratio))
+    return markdown_table(("case", "variant", "us", "ratio"), cells)
 
 
 if __name__ == "__main__":
-    main()
+    standalone("User cache hit", run, _table)

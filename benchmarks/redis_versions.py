@@ -24,7 +24,6 @@ Run: ``python -m benchmarks.redis_versions [--quick]``.
 from __future__ import annotations
 
 import os
-import platform
 import secrets
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ import sys
 import textwrap
 import time
 from typing import Any, Callable, Hashable
+
+from ._common import markdown_table, standalone
 
 REDIS_URL = os.environ.get("IDENTITY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 USER = "42"
@@ -203,25 +204,18 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in argv)
-    print(
-        f"Version stamps through Redis -- {platform.python_implementation()} "
-        f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores"
-    )
-    print("| case | variant | time | vs LocalVersionStore | vs GET per request |")
-    print("| --- | --- | ---: | ---: | ---: |")
+def _table(rows: list[dict[str, Any]]) -> str:
+    cells = []
     for row in rows:
         if "us_per_call" in row:
             other = row.get("vs_get_per_request")
-            print(
-                f"| {row['case']} | {row['variant']} | {row['us_per_call']:.3f} us | "
-                f"{row['vs_local']:.2f}x | {'' if other is None else f'{other:.4f}x'} |"
-            )
+            vs_get = "" if other is None else f"{other:.4f}x"
+            times = (f"{row['us_per_call']:.3f} us", f"{row['vs_local']:.2f}x", vs_get)
         else:
-            print(f"| {row['case']} | {row['variant']} | p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms | | |")
+            times = (f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms", "", "")
+        cells.append((row["case"], row["variant"], *times))
+    return markdown_table(("case", "variant", "time", "vs LocalVersionStore", "vs GET per request"), cells)
 
 
 if __name__ == "__main__":
-    main()
+    standalone("Version stamps through Redis", run, _table)

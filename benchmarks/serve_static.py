@@ -23,13 +23,13 @@ Run: ``python -m benchmarks.serve_static [--quick]``.
 from __future__ import annotations
 
 import os
-import platform
-import sys
 import tempfile
 import time
 from typing import Any, Callable
 
 from werkzeug.test import create_environ
+
+from ._common import markdown_table, standalone
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -160,25 +160,18 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| file | variant | us/request | x WhiteNoise | x floor |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['case']} | {row['variant']} | {row['us_per_request']:.2f} "
-            f"| {row['vs_whitenoise']:.2f} | {row['vs_floor']:.1f} |"
+    cells = [
+        (
+            row["case"],
+            row["variant"],
+            f"{row['us_per_request']:.2f}",
+            f"{row['vs_whitenoise']:.2f}",
+            f"{row['vs_floor']:.1f}",
         )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in argv)
-    print(f"Static file serving, {platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, {platform.machine()}")
-    print(_table(rows))
+        for row in rows
+    ]
+    return markdown_table(("file", "variant", "us/request", "x WhiteNoise", "x floor"), cells)
 
 
 if __name__ == "__main__":
-    main()
+    standalone("Static file serving", run, _table)

@@ -27,8 +27,6 @@ Run: ``python -m benchmarks.sqlalchemy_hit [--quick]``.
 from __future__ import annotations
 
 import os
-import platform
-import sys
 import tempfile
 import time
 import uuid
@@ -49,6 +47,8 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committ
 
 from identity_middleware import UserCache
 from identity_middleware.sqlalchemy import bind_sqlalchemy
+
+from ._common import markdown_table, standalone
 
 POSTGRES_ADMIN_URL = os.environ.get("IDENTITY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -272,24 +272,14 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| backend | variant | us per request | vs fresh load |", "| --- | --- | ---: | ---: |"]
-    for row in rows:
-        if "us_per_call" in row:
-            lines.append(f"| {row['case']} | {row['variant']} | {row['us_per_call']:.1f} | {row['vs_fresh']:.3f}x |")
-        else:
-            lines.append(f"| {row['case']} | {row['variant']} | | {row['note']} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in argv)
-    print(
-        f"SQLAlchemy user: cache hit vs fresh load -- {platform.python_implementation()} "
-        f"{platform.python_version()}, SQLAlchemy {sa.__version__}, {platform.machine()}, {os.cpu_count()} cores"
-    )
-    print(_table(rows))
+    cells = [
+        (row["case"], row["variant"], f"{row['us_per_call']:.1f}", f"{row['vs_fresh']:.3f}x")
+        if "us_per_call" in row
+        else (row["case"], row["variant"], "", row["note"])
+        for row in rows
+    ]
+    return markdown_table(("backend", "variant", "us per request", "vs fresh load"), cells)
 
 
 if __name__ == "__main__":
-    main()
+    standalone(f"SQLAlchemy user: cache hit vs fresh load (SQLAlchemy {sa.__version__})", run, _table)

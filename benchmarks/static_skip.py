@@ -26,14 +26,14 @@ Run: ``python -m benchmarks.static_skip [--quick]``.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
 
 from werkzeug.test import EnvironBuilder
+
+from ._common import markdown_table, standalone
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -177,23 +177,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| case | variant | us | ratio |", "| --- | --- | ---: | ---: |"]
+    cells = []
     for row in rows:
         us = row.get("us_per_request", row.get("us_per_call"))
         ratio = f"{row['vs_bare']:.2f}x bare Flask" if "vs_bare" in row else f"{row['vs_url_map']:.3f}x URL-map match"
-        lines.append(f"| {row['case']} | {row['variant']} | {us} | {ratio} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    rows = run(quick="--quick" in argv)
-    print(
-        f"Static requests skip identity -- {platform.python_implementation()} {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} cores"
-    )
-    print(_table(rows))
+        cells.append((row["case"], row["variant"], us, ratio))
+    return markdown_table(("case", "variant", "us", "ratio"), cells)
 
 
 if __name__ == "__main__":
-    main()
+    standalone("Static requests skip identity", run, _table)
