@@ -164,56 +164,53 @@ def test_no_lock_is_held_while_a_loader_runs():
         worker.join(JOIN_TIMEOUT)
 
 
+class FirstLoadHeld:
+    """A loader reading ``database``; its first call is held, value read, until ``release`` is set."""
+
+    def __init__(self, database):
+        self.database = database
+        self.loads = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, user_id):
+        value = self.database[user_id]  # read at the start, like a SELECT
+        self.loads.append(value)
+        if len(self.loads) == 1:
+            self.entered.set()
+            self.release.wait(JOIN_TIMEOUT)
+        return value
+
+
 def test_invalidation_during_a_load_makes_its_result_stale_at_once():
     cache = UserCache()
     database = {"1": "admin"}
-    entered, release = threading.Event(), threading.Event()
-    loads = []
-
-    def loader(user_id):
-        value = database[user_id]  # read at the start, like a SELECT
-        loads.append(value)
-        if len(loads) == 1:
-            entered.set()
-            release.wait(JOIN_TIMEOUT)
-        return value
-
+    loader = FirstLoadHeld(database)
     first = run_threads_in_background(lambda: cache.get("1", loader))
-    assert entered.wait(JOIN_TIMEOUT)
+    assert loader.entered.wait(JOIN_TIMEOUT)
     database["1"] = "revoked"
     cache.invalidate("1")  # lands while the first load is in flight
     # A get that starts now must not wait for, or receive, the in-flight stale load.
     assert cache.get("1", loader) == "revoked"
-    release.set()
+    loader.release.set()
     assert first.result() == "admin"  # the request that started before may see the old value
     # ...but the old value was not stored over the new one, and is never served again.
     for _ in range(3):
         assert cache.get("1", loader) == "revoked"
-    assert loads == ["admin", "revoked"]
+    assert loader.loads == ["admin", "revoked"]
 
 
 def test_the_stale_in_flight_result_is_not_served_to_the_next_get():
     cache = UserCache()
     database = {"1": 1}
-    entered, release = threading.Event(), threading.Event()
-    loads = []
-
-    def loader(user_id):
-        value = database[user_id]
-        loads.append(value)
-        if len(loads) == 1:
-            entered.set()
-            release.wait(JOIN_TIMEOUT)
-        return value
-
+    loader = FirstLoadHeld(database)
     first = run_threads_in_background(lambda: cache.get("1", loader))
-    assert entered.wait(JOIN_TIMEOUT)
+    assert loader.entered.wait(JOIN_TIMEOUT)
     database["1"] = 2
     cache.invalidate("1")
-    release.set()
+    loader.release.set()
     assert first.result() == 1
     assert cache.get("1", loader) == 2  # reloads: the stored result carried the old stamp
-    assert loads == [1, 2]
+    assert loader.loads == [1, 2]
 
 
 class run_threads_in_background:
