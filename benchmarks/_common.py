@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 Rows = list[dict[str, Any]]
@@ -23,6 +24,25 @@ def machine() -> str:
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}, {os.cpu_count()} cores"
     )
+
+
+def interleaved_us(
+    request: Callable[[Any, Any], object], apps: Mapping[str, Any], environ: Any, *, rounds: int, batch: int
+) -> dict[str, list[float]]:
+    """Microseconds per ``request(app, environ)`` for each app, one sample per round.
+
+    Each round takes the apps in turn, ``batch`` requests each, so a noisy
+    neighbour on a shared machine slows every variant alike instead of whichever
+    happened to run at the time. Warm the apps up first.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    for _ in range(rounds):
+        for name, app in apps.items():
+            started = time.perf_counter()
+            for _ in range(batch):
+                request(app, environ)
+            samples[name].append((time.perf_counter() - started) / batch * 1e6)
+    return samples
 
 
 def markdown_table(headers: Sequence[str], cells: Iterable[Sequence[object]], *, left: int = 2) -> str:

@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ._common import markdown_table, standalone
+from ._common import interleaved_us, markdown_table, standalone
 
 BENCHMARK = "cache_hit"
 
@@ -288,13 +288,7 @@ def _time_pages(quick: bool) -> list[dict[str, Any]]:
                 _request(app, environ)
         counters = [app.extensions["example"] for app in (apps["cached (middleware + UserCache)"], shared)]
         calls_before = [counter.loader_calls for counter in counters]
-        samples: dict[str, list[float]] = {name: [] for name in apps}
-        for _ in range(rounds):
-            for name, app in apps.items():
-                started = time.perf_counter()
-                for _ in range(batch):
-                    _request(app, environ)
-                samples[name].append((time.perf_counter() - started) / batch * 1e6)
+        samples = interleaved_us(_request, apps, environ, rounds=rounds, batch=batch)
         if [counter.loader_calls for counter in counters] != calls_before:
             raise RuntimeError("a cached app ran its loader during the timed loop")
     medians = {name: statistics.median(values) for name, values in samples.items()}

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from werkzeug.test import EnvironBuilder
 
-from ._common import markdown_table, standalone
+from ._common import interleaved_us, markdown_table, standalone
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -96,13 +96,7 @@ def _time_static(quick: bool) -> list[dict[str, Any]]:
         for app in apps.values():  # warm up: first-request setup, caches, imports
             for _ in range(50):
                 _request(app, environ)
-        samples: dict[str, list[float]] = {name: [] for name in apps}
-        for _ in range(repeats):
-            for name, app in apps.items():
-                started = time.perf_counter()
-                for _ in range(iterations):
-                    _request(app, environ)
-                samples[name].append((time.perf_counter() - started) / iterations * 1e6)
+        samples = interleaved_us(_request, apps, environ, rounds=repeats, batch=iterations)
         calls_during = {
             name: (getattr(app.extensions.get("example"), "loader_calls", None), loader_calls[name])
             for name, app in apps.items()
