@@ -226,10 +226,10 @@ class SQLAlchemyBinding:
         if stored is None:
             return None
         session = self._current() if self._current is not None else None
-        built: list[Any] = []
+        built: dict[tuple, Any] = {}
         user = self._build(stored, session, built)
         if session is not None and built:
-            for obj in reversed(built):  # the user first: its add cascades to the rest
+            for obj in built.values():  # the user first: its add cascades to the rest
                 if instance_state(obj).detached:
                     session.add(obj)  # persistent at once: make_transient_to_detached gave it a key
         return user
@@ -261,12 +261,20 @@ class SQLAlchemyBinding:
             children.append((name, True, tuple(nodes)) if many else (name, False, nodes[0] if nodes else None))
         return _Node(state.manager, state.key, values, copied, tuple(children))
 
-    def _build(self, node: _Node, session: Session | None, built: list[Any]) -> Any:
+    def _build(self, node: _Node, session: Session | None, built: dict[tuple, Any]) -> Any:
+        # One object per identity, as in a session: a row the tree reaches twice (a
+        # role's users include the user itself) must not become two instances, or
+        # attaching the second one fails.
+        obj = built.get(node.key)
+        if obj is not None:
+            self._add_children(obj, node, session, built)
+            return obj
         if session is not None:
             existing = session.identity_map.get(node.key)
             if existing is not None:
                 return existing  # the session's view wins, as with session.get()
         obj = node.manager.new_instance()
+        built[node.key] = obj
         dict_ = instance_dict(obj)
         dict_.update(node.values)  # what the ORM's own row loader does
         for key in node.copied:
@@ -278,8 +286,20 @@ class SQLAlchemyBinding:
                 value = None if child is None else self._build(child, session, built)
             set_committed_value(obj, name, value)
         make_transient_to_detached(obj)  # a key, clean history, missing columns expired
-        built.append(obj)
         return obj
+
+    def _add_children(self, obj: Any, node: _Node, session: Session | None, built: dict[tuple, Any]) -> None:
+        """Relationships another path reached ``obj`` with, set unless already set."""
+        dict_ = instance_dict(obj)
+        for name, many, child in node.children:
+            if name in dict_:
+                continue
+            if many:
+                value = [self._build(item, session, built) for item in child]
+            else:
+                value = None if child is None else self._build(child, session, built)
+            if name not in dict_:
+                set_committed_value(obj, name, value)
 
     def _columns_of(self, mapper: Mapper) -> tuple[str, ...]:
         columns = self._columns.get(mapper)

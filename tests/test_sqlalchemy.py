@@ -270,6 +270,23 @@ def test_nested_relationships_and_many_to_one_are_loaded_once_and_served_without
     assert seen == ("core", [("admin", ["manage"]), ("editor", [])])
 
 
+def test_a_row_reached_twice_is_one_object_like_in_a_session(make_world):
+    # roles.users leads back to the user itself: two instances of one identity
+    # could not both be attached to the request's session.
+    w = make_world(relationships=("roles", "roles.users"))
+    w.request()
+    with count_sql(w.engine) as statements:
+        user = w.request()
+        members = [[u.email for u in r.users] for r in user.roles]
+    assert statements == []
+    assert members == [["alice@x"], ["alice@x", "bob@x"]]
+    assert user.roles[0].users[0] is user and user.roles[1].users[0] is user
+    assert inspect(user.roles[1].users[1]).session is w.db()
+    user.email = "again@x"
+    w.db.commit()
+    assert w.request().email == "again@x"
+
+
 def test_relationships_not_named_still_lazy_load_through_the_session(world):
     world.request()
     user = world.request()
