@@ -198,10 +198,12 @@ def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_midd
         )
     capacity = POOL["pool_size"] + POOL["max_overflow"]
     checkouts, statuses, idle, after, errors = report[False]
-    assert checkouts == capacity  # every connection pinned by a static request...
-    assert idle == capacity  # ... idle in transaction while the file is read
-    assert statuses == Counter({200: capacity, 500: CONCURRENT - capacity})
-    assert len(errors) == CONCURRENT - capacity
+    assert idle == capacity  # every connection pinned by a static request, idle in transaction
+    assert checkouts == statuses[200]  # each static request that got through held one
+    # Normally exactly `capacity` succeed; a request that arrives more than SLOW -
+    # pool_timeout late (a loaded machine) may still get a released connection.
+    assert statuses[200] + statuses[500] == CONCURRENT and statuses[500] > 0
+    assert len(errors) == statuses[500]
     assert all("QueuePool limit of size 5 overflow 10 reached" in e for e in errors)
     assert after == 0
     checkouts, statuses, idle, after, errors = report[True]
