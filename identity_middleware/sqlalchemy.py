@@ -93,7 +93,7 @@ _UNLOADABLE = ("dynamic", "write_only", "noload", "raise", "raise_on_sql")
 class _Node:
     """An immutable snapshot of one ORM row and the relationships named below it."""
 
-    __slots__ = ("manager", "key", "values", "copied", "children")
+    __slots__ = ("new_instance", "key", "values", "copied", "children")
 
     def __init__(
         self,
@@ -103,7 +103,7 @@ class _Node:
         copied: tuple[str, ...],
         children: tuple[tuple[str, bool, Any], ...],
     ) -> None:
-        self.manager = manager  # the class manager: builds instances without __init__
+        self.new_instance = manager.new_instance  # builds an instance without __init__
         self.key = key  # the identity key, as the session's identity map uses it
         self.values = values  # column values; never mutated after construction
         self.copied = copied  # keys in values that each instance gets a deep copy of
@@ -146,6 +146,7 @@ class SQLAlchemyBinding:
         "_user_id",
         "_pk_key",
         "_columns",
+        "_add_cascades",
         "_listeners",
         "_removed",
         "__weakref__",
@@ -175,6 +176,9 @@ class SQLAlchemyBinding:
         mapper = inspect(user_model)
         self._pk_key = mapper.get_property_by_column(mapper.primary_key[0]).key
         self._columns: dict[Mapper, tuple[str, ...]] = {}
+        # Whether adding the user reaches everything a hit builds (the usual case): then
+        # one Session.add per hit, else one per instance the cascade does not reach.
+        self._add_cascades = _cascades(mapper, tree, "save-update")
         self._removed = False
         self._listeners = (
             ("after_flush", self._after_flush),
@@ -226,12 +230,20 @@ class SQLAlchemyBinding:
         if stored is None:
             return None
         session = self._current() if self._current is not None else None
+        if session is None:
+            return self._build(stored, None, {})
+        in_session = session.identity_map.get
+        existing = in_session(stored.key)
+        if existing is not None:
+            return existing  # the session's view wins, as with session.get()
         built: dict[tuple, Any] = {}
-        user = self._build(stored, session, built)
-        if session is not None and built:
-            for obj in built.values():  # the user first: its add cascades to the rest
+        user = self._build(stored, in_session, built)
+        if self._add_cascades:
+            session.add(user)  # cascades to every instance built below it
+        else:
+            for obj in built.values():  # the user first: its add cascades where it can
                 if instance_state(obj).detached:
-                    session.add(obj)  # persistent at once: make_transient_to_detached gave it a key
+                    session.add(obj)
         return user
 
     def _snapshot(self, state: InstanceState, tree: Mapping[str, dict], modified: list[bool]) -> _Node:
@@ -261,45 +273,50 @@ class SQLAlchemyBinding:
             children.append((name, True, tuple(nodes)) if many else (name, False, nodes[0] if nodes else None))
         return _Node(state.manager, state.key, values, copied, tuple(children))
 
-    def _build(self, node: _Node, session: Session | None, built: dict[tuple, Any]) -> Any:
+    def _build(self, node: _Node, in_session: Callable[[tuple], Any] | None, built: dict[tuple, Any]) -> Any:
         # One object per identity, as in a session: a row the tree reaches twice (a
         # role's users include the user itself) must not become two instances, or
         # attaching the second one fails.
-        obj = built.get(node.key)
+        key = node.key
+        obj = built.get(key)
         if obj is not None:
-            self._add_children(obj, node, session, built)
+            self._add_children(obj, node, in_session, built)
             return obj
-        if session is not None:
-            existing = session.identity_map.get(node.key)
+        if in_session is not None:
+            existing = in_session(key)
             if existing is not None:
                 return existing  # the session's view wins, as with session.get()
-        obj = node.manager.new_instance()
-        built[node.key] = obj
+        obj = node.new_instance()
+        built[key] = obj
         dict_ = instance_dict(obj)
         dict_.update(node.values)  # what the ORM's own row loader does
-        for key in node.copied:
-            dict_[key] = copy.deepcopy(node.values[key])
+        if node.copied:
+            for name in node.copied:
+                dict_[name] = copy.deepcopy(node.values[name])
         for name, many, child in node.children:
-            if many:
-                value = [self._build(item, session, built) for item in child]
-            else:
-                value = None if child is None else self._build(child, session, built)
-            set_committed_value(obj, name, value)
-        make_transient_to_detached(obj)  # a key, clean history, missing columns expired
+            set_committed_value(obj, name, self._build_child(many, child, in_session, built))
+        # A key, clean history, missing columns expired; session.add then makes it
+        # persistent at once, without SQL.
+        make_transient_to_detached(obj)
         return obj
 
-    def _add_children(self, obj: Any, node: _Node, session: Session | None, built: dict[tuple, Any]) -> None:
+    def _build_child(
+        self, many: bool, child: Any, in_session: Callable[[tuple], Any] | None, built: dict[tuple, Any]
+    ) -> Any:
+        if many:
+            return [self._build(item, in_session, built) for item in child]
+        return None if child is None else self._build(child, in_session, built)
+
+    def _add_children(
+        self, obj: Any, node: _Node, in_session: Callable[[tuple], Any] | None, built: dict[tuple, Any]
+    ) -> None:
         """Relationships another path reached ``obj`` with, set unless already set."""
         dict_ = instance_dict(obj)
         for name, many, child in node.children:
-            if name in dict_:
-                continue
-            if many:
-                value = [self._build(item, session, built) for item in child]
-            else:
-                value = None if child is None else self._build(child, session, built)
             if name not in dict_:
-                set_committed_value(obj, name, value)
+                value = self._build_child(many, child, in_session, built)
+                if name not in dict_:
+                    set_committed_value(obj, name, value)
 
     def _columns_of(self, mapper: Mapper) -> tuple[str, ...]:
         columns = self._columns.get(mapper)
@@ -533,6 +550,15 @@ def _mapper_of(model: Any, name: str) -> Mapper:
     if not isinstance(mapper, Mapper) or not isinstance(model, type):
         raise ConfigError(name, model, "a mapped SQLAlchemy class")
     return mapper
+
+
+def _cascades(mapper: Mapper, tree: Mapping[str, dict], cascade: str) -> bool:
+    """True when every relationship of ``tree`` (below ``mapper``) has ``cascade``."""
+    for name, subtree in tree.items():
+        prop = mapper.relationships[name]
+        if cascade not in prop.cascade or not _cascades(prop.mapper, subtree, cascade):
+            return False
+    return True
 
 
 def _relationship_tree(mapper: Mapper, paths: tuple[str, ...]) -> tuple[dict[str, dict], list[type]]:

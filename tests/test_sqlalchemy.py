@@ -87,6 +87,32 @@ class Pair(Base):
     b: Mapped[int] = mapped_column(primary_key=True)
 
 
+class OtherBase(DeclarativeBase):
+    pass
+
+
+member_groups = Table(
+    "member_groups",
+    OtherBase.metadata,
+    Column("member_id", ForeignKey("members.id"), primary_key=True),
+    Column("group_id", ForeignKey("groups.id"), primary_key=True),
+)
+
+
+class Group(OtherBase):
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Member(OtherBase):
+    """Its groups do not follow it into a session (no save-update cascade)."""
+
+    __tablename__ = "members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    groups: Mapped[list[Group]] = relationship(secondary=member_groups, cascade="merge", order_by=Group.id)
+
+
 class World:
     """One database, one scoped session, one cache bound to it, one counting loader."""
 
@@ -522,6 +548,38 @@ def test_a_plain_session_receives_the_hits(tmp_path):
     finally:
         binding.remove()
         session.close()
+
+
+def test_related_rows_the_add_does_not_cascade_to_are_attached_too(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'members.sqlite'}")
+    OtherBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        groups = [Group(id=1, name="ops"), Group(id=2, name="dev")]
+        s.add_all([*groups, Member(id=1, groups=groups)])  # no cascade: each added by hand
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Member, relationships=("groups",))
+
+    def loader(user_id):
+        return db.get(Member, int(user_id))
+
+    try:
+        cache.get(1, loader)
+        db.remove()
+        with count_sql(engine) as statements:
+            member = cache.get(1, loader)
+            names = [g.name for g in member.groups]
+        assert statements == [] and names == ["ops", "dev"]
+        assert all(inspect(g).persistent and inspect(g).session is db() for g in member.groups)
+        member.groups[0].name = "sre"
+        db.commit()
+        db.remove()
+        assert db.get(Group, 1).name == "sre"
+    finally:
+        binding.remove()
+        db.remove()
+        engine.dispose()
 
 
 def test_a_sessionmaker_hands_out_detached_users_unless_told_the_current_session(tmp_path):
