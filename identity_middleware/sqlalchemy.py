@@ -24,14 +24,22 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   statements on watched models, keep them in ``session.info`` and apply them in
   ``after_commit``. A rollback applies nothing.
 
-Why a snapshot and not ``Session.merge(cached, load=False)``: both cost about the
-same (benchmarks/sqlalchemy_hit.py: ~65 us against ~55 us, a fresh load being
-~400 us on SQLite and ~1.4 ms on PostgreSQL), but ``merge`` copies the cached
-state *onto* an object the session already has, silently discarding that
-request's pending changes to the user or to a shared ``Role``; it shares mutable
-column values (a JSON dict) between requests; and it refuses cached objects that
-were ever modified. Building from immutable data has none of these problems and
-needs no lock.
+Why a snapshot and not ``Session.merge(cached, load=False)``: ``merge`` is a
+little cheaper (benchmarks/sqlalchemy_hit.py, user + two roles: ~48 us against
+~61 us per hit, where a fresh load costs ~330 us on SQLite and ~1.1 ms on
+PostgreSQL), but it copies the cached state *onto* an object the session
+already has, silently discarding that request's pending changes to the user or
+to a shared ``Role``; it shares mutable column values (a JSON dict) between
+requests; and it refuses cached objects that were ever modified. Building from
+immutable data has none of these problems and needs no lock.
+
+Where a hit's time goes: nearly all of it is SQLAlchemy's public way of making
+rows persistent without SQL -- ``make_transient_to_detached`` per instance, one
+``Session.add`` (its cascade, the session's autobegin, attach events) and,
+later, the session's close detaching them again: ~50 us for the user and two
+roles, against ~3 us for building the instances. Registering them in the
+identity map through private API would take ~15 us; we do not, as that skips
+the attach events and would break whenever SQLAlchemy's internals change.
 
 What it does not see: SQL that bypasses the ORM (``text("UPDATE users ...")``,
 ``connection.execute(users.update())``, writes from other programs, direct
