@@ -23,12 +23,25 @@ nothing. The seams (Flask-Login 0.6.3, Flask-Principal 0.4.0, Flask 3.x):
   (its ``skip_static`` keeps its own meaning): no identity loader, no
   ``identity_loaded``, no session saver. We set ``g.identity`` to an
   ``AnonymousIdentity`` ourselves, so ``Permission.require()`` still works.
-* Flask saves a session unless it is an instance of the session interface's
-  ``null_session_class``. A marked request gets an in-memory session of a
-  subclass of that class which accepts writes: it holds the request's
-  session data minus Flask-Login's and Flask-Principal's identity keys, and
-  is never saved -- no ``Set-Cookie``, no ``Vary: Cookie``, and no error when
-  something writes to it.
+* Flask opens the session in ``RequestContext.push``, before any
+  ``before_request`` function -- for a logged-in user that is a signature check
+  and a JSON decode of the cookie (or a round trip to a server-side store) --
+  and saves it afterwards unless the session interface's ``is_null_session``
+  says it is null. :func:`install` wraps ``app.session_interface`` in a
+  delegating interface whose ``open_session`` gives a marked request a fresh,
+  empty session of a subclass of the interface's ``null_session_class`` that
+  accepts writes, without reading the cookie; its ``is_null_session`` is true
+  for that session, so it is never saved -- no ``Set-Cookie``, no
+  ``Vary: Cookie``, and no error when something writes to it. Everything else
+  (``save_session``, cookie settings, attributes of the wrapped interface) is
+  the wrapped interface's own. If ``app.session_interface`` is replaced after
+  installation, our ``before_request`` function swaps the already opened session
+  for such an empty one, so the request is just as safe, only not as cheap.
+
+A static request's session is therefore always empty: a static file or an
+owner-listed path needs no session data, and with no ``_user_id`` in it
+nothing (Flask-Login's remember-cookie refresh, for one) acts on the user's
+behalf. Writes to it are accepted and dropped.
 
 Unmarked requests are untouched: our function returns at once.
 """
@@ -40,23 +53,18 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any, Callable
 
 import flask.globals as _flask_globals
-import flask_login.config
 from flask import g, has_request_context
+from flask.sessions import SessionInterface
 from flask_principal import AnonymousIdentity
 
 if TYPE_CHECKING:
-    from flask import Flask
+    from flask import Flask, Request
+    from flask.sessions import SessionMixin
 
 __all__ = ["MARK", "install", "principals_of", "verify_internals"]
 
 #: The environ key the middleware sets on static requests.
 MARK = "identity_middleware.static"
-
-#: Session keys that carry identity; a static request's session copy drops them, so
-#: nothing (Flask-Login's remember-cookie refresh, for one) acts on the user's behalf.
-_IDENTITY_SESSION_KEYS = frozenset(
-    getattr(flask_login.config, "SESSION_KEYS", ("_user_id", "_remember", "_remember_seconds", "_id", "_fresh"))
-) | {"identity.id", "identity.auth_type"}
 
 _WRAPPED = "__identity_middleware_wrapped__"
 
@@ -92,6 +100,7 @@ def _fail(package: str, distribution: str, missing: list[str]) -> None:
 
 def verify_internals() -> None:
     """Raise RuntimeError unless every internal the hooks rely on has the expected shape."""
+    import flask
     import flask.globals
     import flask.sessions
     from flask.ctx import RequestContext
@@ -104,6 +113,11 @@ def verify_internals() -> None:
     null_class = getattr(flask.sessions.SessionInterface, "null_session_class", None)
     if not (isinstance(null_class, type) and issubclass(null_class, dict)):
         flask_missing.append("SessionInterface.null_session_class is not a dict subclass")
+    for name in ("open_session", "save_session", "is_null_session", "make_null_session"):
+        if not callable(getattr(flask.sessions.SessionInterface, name, None)):
+            flask_missing.append(f"SessionInterface.{name} is missing")
+    if "is_null_session" not in _names_in(getattr(flask.Flask, "process_response", None)):
+        flask_missing.append("Flask.process_response no longer asks is_null_session before saving")
     _fail("Flask", "flask", flask_missing)
 
     login_missing = []
@@ -180,7 +194,7 @@ def install(app: Flask) -> None:
     manager = getattr(app, "login_manager", None)
     if manager is not None and not callable(getattr(manager, "anonymous_user", None)):
         _fail("Flask-Login", "flask-login", ["LoginManager.anonymous_user is missing"])
-    _static_session_class(app.session_interface.null_session_class)
+    _wrap_session_interface(app)
     for principal in principals_of(app):
         _fail("Flask-Principal", "flask-principal", _principal_class_problems(type(principal)))
         _wrap_principal(principal)
@@ -224,6 +238,15 @@ def skip_identity_for_static_requests() -> None:
     return None
 
 
+# -- sessions of static requests --------------------------------------------------------
+
+
+class _StaticSession:
+    """Base of every static-request session class: lets a check be one ``isinstance``."""
+
+    __slots__ = ()
+
+
 _session_classes: dict[type, type] = {}
 
 
@@ -240,19 +263,81 @@ def _static_session_class(null_class: type) -> type:
             name: getattr(dict, name)
             for name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "update", "setdefault")
         }
-        writable["__doc__"] = "Session of a static request: readable, writable, never saved."
-        cls = type(f"StaticRequest{null_class.__name__}", (null_class,), writable)
+        writable["__doc__"] = "Session of a static request: empty, writable, never saved."
+        cls = type(f"StaticRequest{null_class.__name__}", (null_class, _StaticSession), writable)
         cls()  # fails here, at startup, if the class cannot be built without arguments
         _session_classes[null_class] = cls
     return cls
 
 
 def _replace_session(ctx: Any, app: Flask) -> None:
+    """Fallback for an interface set after :func:`install`: drop the session it opened."""
     attribute = _session_attribute(type(ctx)) or "_session"
-    current = ctx.__dict__.get(attribute)
-    replacement = _static_session_class(app.session_interface.null_session_class)()
-    if current:
-        kept = {key: value for key, value in current.items() if key not in _IDENTITY_SESSION_KEYS}
-        if kept:
-            dict.update(replacement, kept)
-    setattr(ctx, attribute, replacement)
+    if isinstance(ctx.__dict__.get(attribute), _StaticSession):
+        return  # opened by our interface: nothing was read, nothing to drop
+    setattr(ctx, attribute, _static_session_class(app.session_interface.null_session_class)())
+
+
+def _wrap_session_interface(app: Flask) -> None:
+    interface = app.session_interface
+    if isinstance(interface, _StaticAwareSessionInterface):
+        interface = interface.__wrapped__
+    else:
+        app.session_interface = _StaticAwareSessionInterface(interface)
+    _static_session_class(interface.null_session_class)  # a misfit fails now, not per request
+
+
+def _delegated(name: str) -> property:
+    def get(self: _StaticAwareSessionInterface) -> Any:
+        return getattr(self.__wrapped__, name)
+
+    return property(get, doc=f"The wrapped interface's ``{name}``.")
+
+
+class _StaticAwareSessionInterface(SessionInterface):
+    """The app's session interface, except that a marked request's session is never opened.
+
+    Flask opens the session before any ``before_request`` function runs, so the
+    only place to avoid decoding the cookie of a static request is the
+    interface itself. Every attribute -- ``save_session``, ``null_session_class``,
+    the cookie settings, a Flask-Session interface's ``client`` -- is read from
+    and written to the wrapped interface, which stays reachable as
+    ``__wrapped__``. An ``isinstance`` test against the wrapped interface's own
+    class does not see through the wrapper.
+    """
+
+    __slots__ = ("__wrapped__",)
+
+    def __init__(self, wrapped: SessionInterface) -> None:
+        object.__setattr__(self, "__wrapped__", wrapped)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "__wrapped__":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.__wrapped__, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__wrapped__, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self.__wrapped__, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} wrapping {self.__wrapped__!r}>"
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
+        """An empty static session for a marked request (no cookie read), else the wrapped one's."""
+        if request.environ.get(MARK):
+            return _static_session_class(self.__wrapped__.null_session_class)()  # type: ignore[no-any-return]
+        return self.__wrapped__.open_session(app, request)
+
+    def is_null_session(self, obj: object) -> bool:
+        """True for a static session whatever the wrapped interface's test is, so it is never saved."""
+        return isinstance(obj, _StaticSession) or self.__wrapped__.is_null_session(obj)
+
+
+# SessionInterface's own attributes would shadow __getattr__: forward each of them too.
+for _name in vars(SessionInterface):
+    if not _name.startswith("__") and _name not in vars(_StaticAwareSessionInterface):
+        setattr(_StaticAwareSessionInterface, _name, _delegated(_name))
+del _name

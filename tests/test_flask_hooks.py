@@ -254,7 +254,7 @@ def test_remember_cookie_refresh_each_request_skips_static_responses(tmp_path):
     assert "remember_token" in client.get("/").headers.get("Set-Cookie", "")
 
 
-def test_static_request_session_is_readable_writable_and_never_saved(tmp_path):
+def test_static_request_session_is_empty_writable_and_never_saved(tmp_path):
     app = make_app(tmp_path)
     client = app.test_client()
     client.get("/login")
@@ -263,8 +263,8 @@ def test_static_request_session_is_readable_writable_and_never_saved(tmp_path):
     assert before["theme"] == "dark" and "_user_id" in before and "identity.id" in before
     response = client.get("/listed/session")
     assert response.status_code == 200
-    # Non-identity data is visible; identity keys are not (the user is anonymous here).
-    assert response.json["seen"] == {"theme": "dark"}
+    # The cookie is not read for a static request: no identity keys, no other data either.
+    assert response.json["seen"] == {}
     assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
     assert client.get("/session").json == before  # the write was not persisted
 
