@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 from conftest import count_sql, log_in
 from flask import Blueprint, Flask, g, jsonify, session
+from flask.json.tag import TaggedJSONSerializer
+from flask.sessions import SecureCookieSessionInterface, SessionInterface
 from flask_login import LoginManager, UserMixin, current_user, login_user
 from flask_principal import (
     AnonymousIdentity,
@@ -23,7 +25,7 @@ from flask_principal import (
 )
 
 from identity_middleware import IdentityMiddleware
-from identity_middleware.flask_hooks import principals_of, skip_identity_for_static_requests
+from identity_middleware.flask_hooks import install, principals_of, skip_identity_for_static_requests
 
 ASSETS = ["/static/app.css", "/static/app.js", "/widgets/static/widget.css", "/favicon.ico"]
 
@@ -326,6 +328,153 @@ def test_blueprint_static_registered_after_wrapping_skips_identity(tmp_path):
     assert calls["user_loader"] == calls["identity_loaded"] == 0
 
 
+# -- the session interface ---------------------------------------------------------------
+
+
+class CountingSerializer(TaggedJSONSerializer):
+    """Flask's cookie payload serializer, counting the cookies it decodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded = 0
+
+    def loads(self, value):
+        self.decoded += 1
+        return super().loads(value)
+
+
+class CountingInterface(SecureCookieSessionInterface):
+    """Flask's cookie interface with its own cookie name and attribute, counting opens and saves."""
+
+    pickle_based = True  # a class attribute SessionInterface also defines
+    team = "platform"  # one it does not
+
+    def __init__(self, cookie_name: str = "session") -> None:
+        self.cookie_name = cookie_name
+        self.serializer = CountingSerializer()
+        self.opened = self.saved = 0
+
+    def get_cookie_name(self, app):
+        return self.cookie_name
+
+    def open_session(self, app, request):
+        self.opened += 1
+        return super().open_session(app, request)
+
+    def save_session(self, app, session, response):
+        self.saved += 1
+        super().save_session(app, session, response)
+
+
+def test_a_static_request_does_not_decode_the_session_cookie(tmp_path):
+    app = make_app(tmp_path)
+    interface = app.session_interface = SecureCookieSessionInterface()
+    serializer = interface.serializer = CountingSerializer()
+    client = app.test_client()
+    client.get("/login")
+    client.get("/theme")
+    decoded = serializer.decoded
+    assert decoded >= 1  # the theme request read the login cookie
+    for path in ("/static/app.css", "/favicon.ico", "/listed/session"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary, path
+    assert serializer.decoded == decoded
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # pages still do
+    assert serializer.decoded == decoded + 1
+
+
+def test_a_custom_session_interface_set_before_the_first_request_is_wrapped_and_used(tmp_path):
+    app = make_app(tmp_path)
+    custom = app.session_interface = CountingInterface("sid")
+    client = app.test_client()
+    client.get("/login")
+    assert client.get_cookie("sid") is not None and client.get_cookie("session") is None
+    wrapper = app.session_interface
+    assert wrapper is not custom and wrapper.__wrapped__ is custom
+    assert wrapper.get_cookie_name(app) == "sid"
+    assert wrapper.pickle_based is True and wrapper.team == "platform" and wrapper.serializer is custom.serializer
+    assert wrapper.null_session_class is custom.null_session_class
+    opened, saved = custom.opened, custom.saved
+    response = client.get("/static/app.css")
+    assert (custom.opened, custom.saved) == (opened, saved)
+    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}
+    assert custom.opened == opened + 1 and custom.saved == saved + 1
+    client.get("/theme")
+    assert client.get("/session").json["theme"] == "dark"
+    wrapper.team = "identity"  # writes reach the wrapped interface too
+    assert custom.team == "identity" and "team" not in vars(type(wrapper))
+
+
+def test_session_transaction_of_the_test_client_opens_and_saves_the_real_session(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    client.get("/login")  # the first request wrapped the interface
+    assert hasattr(app.session_interface, "__wrapped__")
+    with client.session_transaction() as transaction:
+        assert transaction["_user_id"] == "7"
+        transaction["theme"] = "light"
+    assert client.get("/session").json["theme"] == "light"
+    assert client.get("/").json["anonymous"] is False
+    assert client.get("/listed/session").json["seen"] == {}
+
+
+def test_installing_again_neither_wraps_twice_nor_duplicates_the_hook(tmp_path):
+    app = make_app(tmp_path)
+    custom = app.session_interface = CountingInterface()
+    client = app.test_client()
+    client.get("/login")
+    wrapper = app.session_interface
+    app.wsgi_app.rebuild()
+    install(app)
+    assert app.session_interface is wrapper and wrapper.__wrapped__ is custom
+    assert app.before_request_funcs[None].count(skip_identity_for_static_requests) == 1
+    opened = custom.opened
+    client.get("/static/app.css")
+    assert custom.opened == opened
+    assert client.get("/").json["anonymous"] is False
+
+
+def test_an_interface_replaced_after_installation_is_still_safe_and_wrapped_on_rebuild(tmp_path):
+    app = make_app(tmp_path, REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
+    client = app.test_client()
+    client.get("/login")
+    client.get("/theme")
+    replaced = app.session_interface = CountingInterface()
+    opened, saved = replaced.opened, replaced.saved
+    response = client.get("/listed/session")
+    # Decoded (the fallback cannot prevent that), then dropped and never saved.
+    assert replaced.opened == opened + 1 and replaced.saved == saved
+    assert response.json["seen"] == {}
+    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    assert client.get("/session").json["theme"] == "dark"
+    app.wsgi_app.rebuild()
+    assert app.session_interface.__wrapped__ is replaced
+    opened = replaced.opened
+    assert client.get("/listed/session").json["seen"] == {}
+    assert replaced.opened == opened
+
+
+def test_static_session_is_never_saved_even_by_an_interface_with_its_own_null_test(tmp_path):
+    class StrictInterface(CountingInterface):
+        def is_null_session(self, obj):
+            return type(obj) is self.null_session_class  # a subclass would be saved
+
+    app = make_app(tmp_path)
+    strict = app.session_interface = StrictInterface()
+    client = app.test_client()
+    client.get("/login")
+    saved = strict.saved
+    response = client.get("/listed/session")  # reads and writes the session
+    assert response.json["seen"] == {}
+    assert strict.saved == saved
+    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    wrapper = app.session_interface
+    assert wrapper.is_null_session(wrapper.make_null_session(app))
+    assert not wrapper.is_null_session(strict.session_class())
+
+
 # -- Principal --------------------------------------------------------------------------
 
 
@@ -403,6 +552,12 @@ def test_flask_login_without_the_g_seam_fails_at_construction(tmp_path, monkeypa
 
     monkeypatch.setattr(flask_login.utils, "_get_user", _get_user)
     with pytest.raises(RuntimeError, match=r"Flask-Login 0\.6\.3.*_get_user does not read g\._login_user"):
+        IdentityMiddleware(Flask("missing", root_path=str(tmp_path)).wsgi_app)
+
+
+def test_session_interface_without_open_session_fails_at_construction(tmp_path, monkeypatch):
+    monkeypatch.delattr(SessionInterface, "open_session")
+    with pytest.raises(RuntimeError, match=r"Flask 3\.\d+\.\d+.*SessionInterface\.open_session is missing"):
         IdentityMiddleware(Flask("missing", root_path=str(tmp_path)).wsgi_app)
 
 
