@@ -25,8 +25,8 @@ nothing. The seams (Flask-Login 0.6.3, Flask-Principal 0.4.0, Flask 3.x):
   ``AnonymousIdentity`` ourselves, so ``Permission.require()`` still works.
 * Flask opens the session in ``RequestContext.push``, before any
   ``before_request`` function -- for a logged-in user that is a signature check
-  and a JSON decode of the cookie (or a round trip to a server-side store) --
-  and saves it afterwards unless the session interface's ``is_null_session``
+  and a JSON decode of the cookie (~45 us of a ~190 us static request on the
+  benchmark machine) or a round trip to a server-side store -- and saves it afterwards unless the session interface's ``is_null_session``
   says it is null. :func:`install` wraps ``app.session_interface`` in a
   delegating interface whose ``open_session`` gives a marked request a fresh,
   empty session of a subclass of the interface's ``null_session_class`` that
@@ -43,7 +43,8 @@ owner-listed path needs no session data, and with no ``_user_id`` in it
 nothing (Flask-Login's remember-cookie refresh, for one) acts on the user's
 behalf. Writes to it are accepted and dropped.
 
-Unmarked requests are untouched: our function returns at once.
+Unmarked requests are untouched: our session interface hands them to the
+wrapped one and our ``before_request`` function returns at once.
 """
 
 from __future__ import annotations
