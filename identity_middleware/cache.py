@@ -65,7 +65,10 @@ _SETTING_NAMES = (
     "IDENTITY_CACHE_MAXSIZE",
     "IDENTITY_CACHE_NEGATIVE_TTL",
     "IDENTITY_VERSION_STORE",
+    "IDENTITY_VERSION_PREFIX",
 )
+#: The settings that only matter when the cache builds its own version store.
+_STORE_SETTINGS = ("IDENTITY_VERSION_STORE", "IDENTITY_VERSION_PREFIX")
 
 #: Attribute set on every loader wrapped by :meth:`UserCache.cached`; its value is the cache.
 _MARK = "_identity_user_cache"
@@ -181,13 +184,13 @@ if _cv_request is None:  # pragma: no cover -- only on a Flask without the conte
     _cv_app = _ContextProbe(flask.has_app_context, flask.app_ctx._get_current_object)
 
 
-def _build_store(spec: str) -> VersionStore:
+def _build_store(spec: str, prefix: str) -> VersionStore:
     """The version store an ``IDENTITY_VERSION_STORE`` value (already validated) names."""
     if spec == "local":
         return LocalVersionStore()
     from .redis_versions import RedisVersionStore
 
-    return RedisVersionStore(spec)
+    return RedisVersionStore(spec, prefix=prefix)
 
 
 class UserCache:
@@ -202,6 +205,9 @@ class UserCache:
         (``IDENTITY_CACHE_NEGATIVE_TTL``; ``0`` never caches ``None``).
     :param versions: a :class:`~identity_middleware.versions.VersionStore`. An object
         given here wins over ``IDENTITY_VERSION_STORE`` (``local`` or a Redis URL).
+    :param version_prefix: the Redis key prefix of a store built from
+        ``IDENTITY_VERSION_STORE`` (``IDENTITY_VERSION_PREFIX``, default ``identity:``),
+        so several apps can share one Redis.
     :param timer: the clock for expiry; tests inject a fake one instead of sleeping.
 
     Settings resolve as environment > argument > ``app.config`` > default; a bad value
@@ -259,6 +265,7 @@ class UserCache:
         maxsize: int | None = None,
         negative_ttl: float | None = None,
         versions: VersionStore | None = None,
+        version_prefix: str | None = None,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         #: ``None`` or a :class:`CacheAdapter`; see there.
@@ -268,6 +275,7 @@ class UserCache:
             "IDENTITY_CACHE_TTL": ttl,
             "IDENTITY_CACHE_MAXSIZE": maxsize,
             "IDENTITY_CACHE_NEGATIVE_TTL": negative_ttl,
+            "IDENTITY_VERSION_PREFIX": version_prefix,
         }
         self._timer = timer
         self._lock = threading.Lock()
@@ -291,7 +299,7 @@ class UserCache:
         self._versions: VersionStore | None = None
         # Built from IDENTITY_VERSION_STORE (owned, closed by close()) or given by the
         # caller (never replaced by configuration, never closed by us).
-        self._versions_source: str | None = None  # the setting value it was built from
+        self._versions_source: tuple[str, str] | None = None  # the settings it was built from
         self._owns_versions = False
         if versions is not None:
             self.versions = versions
@@ -309,17 +317,17 @@ class UserCache:
 
     def _configure(self, app: Flask | None) -> None:
         explicit_store = self._versions is not None and not self._owns_versions
-        names = _SETTING_NAMES[:-1] if explicit_store else _SETTING_NAMES
+        names = tuple(n for n in _SETTING_NAMES if not (explicit_store and n in _STORE_SETTINGS))
         settings = resolve(names, self._arguments, app)  # raises ConfigError
         if explicit_store:
             settings["IDENTITY_VERSION_STORE"] = Resolved(
                 "IDENTITY_VERSION_STORE", self._versions, "argument"
             )
         else:
-            spec = settings["IDENTITY_VERSION_STORE"].value
+            spec = (settings["IDENTITY_VERSION_STORE"].value, settings["IDENTITY_VERSION_PREFIX"].value)
             if spec != self._versions_source:
                 old, owned = self._versions, self._owns_versions
-                self._use_store(_build_store(spec), source=spec, owned=True)
+                self._use_store(_build_store(*spec), source=spec, owned=True)
                 if owned and old is not None:
                     old.close()
         self.settings = settings
@@ -340,7 +348,7 @@ class UserCache:
             raise TypeError(f"{store!r} is not a VersionStore (needs stamp, bump, bump_all)")
         self._use_store(store, source=None, owned=False)
 
-    def _use_store(self, store: VersionStore, *, source: str | None, owned: bool) -> None:
+    def _use_store(self, store: VersionStore, *, source: tuple[str, str] | None, owned: bool) -> None:
         # Stamps of different stores are not comparable: forget what the old one vouched for.
         with self._lock:
             self._versions = store

@@ -153,6 +153,15 @@ def _check_redis_url(text: str) -> None:
 _DIGITS = re.compile(r"[0-9]+")
 
 
+def _key_prefix(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError
+    text = raw.strip()
+    if not text or len(text) > 100 or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its name (also the ``app.config`` key and environment variable)."""
@@ -203,6 +212,13 @@ SETTINGS: Mapping[str, Setting] = {
             _version_store,
             "'local' or a Redis URL such as 'redis://127.0.0.1:6379/0'",
             "where version stamps live: this process, or Redis for all processes",
+        ),
+        Setting(
+            "IDENTITY_VERSION_PREFIX",
+            "identity:",
+            _key_prefix,
+            "1 to 100 printable characters without spaces, e.g. 'myapp:identity:'",
+            "Redis key prefix, so several apps can share one Redis without reloading each other's users",
         ),
         Setting(
             "IDENTITY_SERVE_STATIC",

@@ -356,6 +356,11 @@ class RedisVersionStore:
                 pass
         _LIVE_STORES.discard(self)
 
+    @property
+    def prefix(self) -> str:
+        """The key and channel prefix; stores that must hear each other share it."""
+        return self._prefix
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "synced" if self.synced else "degraded"
         return f"<RedisVersionStore {self._url} prefix={self._prefix!r} {state}>"

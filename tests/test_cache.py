@@ -13,7 +13,13 @@ from flask_login import LoginManager
 from identity_middleware import CacheStats, ConfigError, LocalVersionStore, UserCache
 from identity_middleware.config import SETTINGS
 
-CACHE_SETTINGS = ("IDENTITY_CACHE_TTL", "IDENTITY_CACHE_MAXSIZE", "IDENTITY_CACHE_NEGATIVE_TTL", "IDENTITY_VERSION_STORE")
+CACHE_SETTINGS = (
+    "IDENTITY_CACHE_TTL",
+    "IDENTITY_CACHE_MAXSIZE",
+    "IDENTITY_CACHE_NEGATIVE_TTL",
+    "IDENTITY_VERSION_STORE",
+    "IDENTITY_VERSION_PREFIX",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -553,6 +559,35 @@ def test_redis_url_builds_a_redis_version_store(monkeypatch, redis_url):
         assert cache.settings["IDENTITY_VERSION_STORE"].value == redis_url
     finally:
         cache.close()
+
+
+def test_version_prefix_setting_reaches_the_redis_store(monkeypatch, redis_url, redis_prefix):
+    monkeypatch.setenv("IDENTITY_VERSION_STORE", redis_url)
+    cache = UserCache(version_prefix=redis_prefix)
+    try:
+        assert cache.versions.prefix == redis_prefix
+        assert cache.settings["IDENTITY_VERSION_PREFIX"].source == "argument"
+    finally:
+        cache.close()
+
+
+def test_changing_the_prefix_in_app_config_builds_a_new_store(monkeypatch, redis_url, redis_prefix):
+    monkeypatch.setenv("IDENTITY_VERSION_STORE", redis_url)
+    cache = UserCache()
+    first = cache.versions
+    app = Flask(__name__)
+    app.config["IDENTITY_VERSION_PREFIX"] = redis_prefix
+    try:
+        cache.init_app(app)
+        assert cache.versions is not first and cache.versions.prefix == redis_prefix
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("bad", ["", "has space:", "x" * 101])
+def test_bad_version_prefix_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="IDENTITY_VERSION_PREFIX"):
+        UserCache(version_prefix=bad)
 
 
 # -- the per-request record for the Server-Timing header --------------------------------
