@@ -119,7 +119,7 @@ import mimetypes
 import os
 import re
 import stat
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping
 
 from werkzeug.http import (
     http_date,
@@ -581,11 +581,12 @@ class StaticFiles:
         text = _text_path(path)
         if text is None:
             return None
-        for prefix, root in self._roots:
-            if text.startswith(prefix):
+        for mount in self._roots:
+            if text.startswith(mount[0]):
                 break
         else:
             return None
+        prefix, root = mount
         rel = text[len(prefix) :]
         if not _safe_relative(rel, self._allow_dotfiles):
             return None
@@ -805,7 +806,7 @@ def _if_range_matches(file: _File, value: str) -> bool:
     return if_range.etag == file.etag
 
 
-def _byte_range(header: str, size: int) -> tuple[int, int] | None | bool:
+def _byte_range(header: str, size: int) -> tuple[int, int] | Literal[False] | None:
     """``(start, stop)`` for one satisfiable range; ``None`` to ignore; ``False`` for 416."""
     unit, _, spec = header.partition("=")
     if unit.strip(" \t").lower() != "bytes":
