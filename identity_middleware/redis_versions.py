@@ -188,6 +188,22 @@ class RedisVersionStore:
         "__weakref__",
     )
 
+    # Set by _reset_process_state (at construction and again after a fork). Declared
+    # here so a type checker knows them in the methods defined before it; annotations
+    # without a value add no class attributes, so __slots__ is unaffected.
+    _mirror: _Epoch | None
+    _lock: threading.Lock
+    _stop: threading.Event
+    _synced: threading.Event
+    _first_attempt: threading.Event
+    _thread: threading.Thread | None
+    _pid: int
+    _token: str
+    _down: bool
+    _pending: set[str]
+    _pending_all: bool
+    _watch: _ReconnectWatch | None
+
     def __init__(
         self,
         url_or_client: str | redis.Redis,
@@ -367,20 +383,20 @@ class RedisVersionStore:
 
     def _reset_process_state(self) -> None:
         """State that belongs to one process: fresh at construction and after a fork."""
-        self._mirror: _Epoch | None = None
+        self._mirror = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._first_attempt = threading.Event()  # set once the first (re)connect ended
-        self._thread: threading.Thread | None = None
+        self._thread = None
         self._pid = os.getpid()
         # Tells our own bumps apart from others' when they come back on the channel;
         # a forked child needs its own, or it would ignore its siblings.
         self._token = secrets.token_hex(8)
         self._down = False
-        self._pending: set[str] = set()
+        self._pending = set()
         self._pending_all = False
-        self._watch: _ReconnectWatch | None = None
+        self._watch = None
 
     def _after_fork_in_child(self) -> None:
         closed = self._closed
