@@ -53,14 +53,27 @@ import functools
 import importlib.metadata
 from typing import TYPE_CHECKING, Any, Callable
 
-import flask.globals as _flask_globals
 from flask import g, has_request_context
 from flask.sessions import SessionInterface
 from flask_principal import AnonymousIdentity
 
 if TYPE_CHECKING:
     from flask import Flask, Request
+    from flask.ctx import RequestContext
     from flask.sessions import SessionMixin
+    from werkzeug.local import LocalProxy
+
+    class _FlaskGlobals:
+        """How we use ``flask.globals``: Flask annotates its proxies as the objects they
+        stand for, but we call the proxy's own ``_get_current_object``."""
+
+        request_ctx: LocalProxy[RequestContext]
+
+    _flask_globals: _FlaskGlobals
+else:
+    # The module, not the name: request_ctx is looked up per call, so a Flask without
+    # it fails in verify_internals() with its message, not with an ImportError here.
+    import flask.globals as _flask_globals
 
 __all__ = ["MARK", "install", "principals_of", "verify_internals"]
 
@@ -160,7 +173,7 @@ def _principal_class_problems(cls: type) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _session_attribute(ctx_class: type) -> str | None:
+def _session_attribute(ctx_class: type[Any]) -> str | None:
     """Where a request context stores its session: '_session' (Flask 3.1) or 'session' (3.0)."""
     if isinstance(getattr(ctx_class, "session", None), property):
         return "_session" if "_session" in _names_in(ctx_class.__init__) else None
@@ -273,7 +286,10 @@ def _static_session_class(null_class: type) -> type:
 
 def _replace_session(ctx: Any, app: Flask) -> None:
     """Fallback for an interface set after :func:`install`: drop the session it opened."""
-    attribute = _session_attribute(type(ctx)) or "_session"
+    # Annotated as plain ``type``: mypy does not see ``type[Any]`` as Hashable, which
+    # lru_cache asks of its arguments (python/mypy#11470).
+    ctx_class: type = type(ctx)
+    attribute = _session_attribute(ctx_class) or "_session"
     if isinstance(ctx.__dict__.get(attribute), _StaticSession):
         return  # opened by our interface: nothing was read, nothing to drop
     setattr(ctx, attribute, _static_session_class(app.session_interface.null_session_class)())
