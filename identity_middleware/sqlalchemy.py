@@ -181,7 +181,7 @@ class SQLAlchemyBinding:
         self._tree = tree
         self._watched = (user_model, *watched_related)
         self._user_id = user_id
-        mapper = inspect(user_model)
+        mapper: Mapper[Any] = inspect(user_model)
         self._pk_key = mapper.get_property_by_column(mapper.primary_key[0]).key
         self._columns: dict[Mapper, tuple[str, ...]] = {}
         # Whether adding the user reaches everything a hit builds (the usual case): then
@@ -226,7 +226,7 @@ class SQLAlchemyBinding:
                 "session closes (for example with selectinload) or return an attached instance"
             ) from exc
         session = state.session
-        if session is not None and (modified or self._pending(session, create=False)):
+        if session is not None and (modified or session.info.get(self)):  # changes pending (a _Pending is falsy when empty)
             # The snapshot may hold changes this transaction has not committed. Its own
             # caller gets them anyway (its session's view); invalidating now, during the
             # load, makes the cache drop the entry instead of serving it to others.
@@ -279,7 +279,9 @@ class SQLAlchemyBinding:
                     continue
                 nodes.append(self._snapshot(item_state, subtree, modified))
             children.append((name, True, tuple(nodes)) if many else (name, False, nodes[0] if nodes else None))
-        return _Node(state.manager, state.key, values, copied, tuple(children))
+        identity = state.key
+        assert identity is not None  # callers pass persistent rows only (pending ones are skipped)
+        return _Node(state.manager, identity, values, copied, tuple(children))
 
     def _build(self, node: _Node, in_session: Callable[[tuple], Any] | None, built: dict[tuple, Any]) -> Any:
         # One object per identity, as in a session: a row the tree reaches twice (a
@@ -336,9 +338,10 @@ class SQLAlchemyBinding:
 
     # -- invalidation after commit ---------------------------------------------------
 
-    def _pending(self, session: Session, create: bool = True) -> _Pending | None:
+    def _pending(self, session: Session) -> _Pending:
+        """What ``session``'s current transaction changed so far; created on first use."""
         pending = session.info.get(self)
-        if pending is None and create:
+        if pending is None:
             pending = session.info[self] = _Pending()
         return pending
 
