@@ -44,21 +44,52 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar, cast, overload
 
 from .config import Resolved, resolve
 from .versions import LocalVersionStore, VersionStore
 
 if TYPE_CHECKING:
     from flask import Flask
+    from flask.ctx import AppContext
     from flask_login import LoginManager
 
 __all__ = ["UserCache", "CacheStats", "CacheAdapter"]
 
+
+class _ContextLookup(Protocol):
+    """What the hit path asks of Flask's context variables (or of a :class:`_ContextProbe`)."""
+
+    @overload
+    def get(self) -> Any: ...
+
+    @overload
+    def get(self, default: Any, /) -> Any: ...
+
+
+class _ContextProbe:
+    """Stands in for the context variables: ``get`` -> a truthy object or ``default``."""
+
+    def __init__(self, probe: Callable[[], bool], current: Callable[[], Any]) -> None:
+        self.probe, self.current = probe, current
+
+    def get(self, default: Any = None) -> Any:
+        return self.current() if self.probe() else default
+
+
+_cv_app: _ContextLookup
+_cv_request: _ContextLookup
 try:  # Flask 3.0/3.1: read the context variables directly (one C call each).
     from flask.globals import _cv_app, _cv_request
 except ImportError:  # pragma: no cover -- a Flask without them: slower, same result
-    _cv_app = _cv_request = None
+    import flask.globals
+    from werkzeug.local import LocalProxy
+
+    # app_ctx lives in flask.globals (the package does not export it); Flask annotates
+    # it as the AppContext it stands for, and we want the proxy's own method.
+    _app_ctx = cast("LocalProxy[AppContext]", flask.globals.app_ctx)
+    _cv_request = _ContextProbe(flask.has_request_context, lambda: True)
+    _cv_app = _ContextProbe(flask.has_app_context, _app_ctx._get_current_object)
 
 _SETTING_NAMES = (
     "IDENTITY_CACHE_TTL",
@@ -168,20 +199,17 @@ def _on_hit_for(loader: Callable[[Any], Any]) -> Callable[[Any], None] | None:
     return None
 
 
-if _cv_request is None:  # pragma: no cover -- only on a Flask without the context variables
-    import flask
+def _close_store(store: VersionStore) -> None:
+    """Close a store this cache built and no longer uses.
 
-    class _ContextProbe:
-        """Stands in for the context variables: ``get`` -> a truthy object or ``default``."""
-
-        def __init__(self, probe: Callable[[], bool], current: Callable[[], Any]) -> None:
-            self.probe, self.current = probe, current
-
-        def get(self, default: Any = None) -> Any:
-            return self.current() if self.probe() else default
-
-    _cv_request = _ContextProbe(flask.has_request_context, lambda: True)
-    _cv_app = _ContextProbe(flask.has_app_context, flask.app_ctx._get_current_object)
+    ``close`` is not part of the :class:`~identity_middleware.versions.VersionStore`
+    protocol -- a custom store needs only ``stamp``, ``bump`` and ``bump_all`` -- so it
+    is looked up rather than assumed. Only stores built by :func:`_build_store` get
+    here, and both kinds it builds have it.
+    """
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
 
 
 def _build_store(spec: str, prefix: str) -> VersionStore:
@@ -329,7 +357,7 @@ class UserCache:
                 old, owned = self._versions, self._owns_versions
                 self._use_store(_build_store(*spec), source=spec, owned=True)
                 if owned and old is not None:
-                    old.close()
+                    _close_store(old)
         self.settings = settings
         self._ttl = settings["IDENTITY_CACHE_TTL"].value
         self._maxsize = settings["IDENTITY_CACHE_MAXSIZE"].value
@@ -340,7 +368,9 @@ class UserCache:
     @property
     def versions(self) -> VersionStore:
         """The version store whose stamps decide whether an entry is still good."""
-        return self._versions
+        store = self._versions
+        assert store is not None  # None only inside __init__, before _configure sets one
+        return store
 
     @versions.setter
     def versions(self, store: VersionStore) -> None:
@@ -361,7 +391,7 @@ class UserCache:
     def close(self) -> None:
         """Close the version store if this cache built it from configuration."""
         if self._owns_versions and self._versions is not None:
-            self._versions.close()
+            _close_store(self._versions)
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -376,9 +406,9 @@ class UserCache:
         user_id: Any,
         loader: Callable[[Any], Any],
         on_hit: Callable[[Any], None] | None,
-        _request=_cv_request,
-        _app=_cv_app,
-        _clock=time.perf_counter,
+        _request: _ContextLookup = _cv_request,
+        _app: _ContextLookup = _cv_app,
+        _clock: Callable[[], float] = time.perf_counter,
     ) -> Any:
         key = str(user_id)
         in_request = _request.get(None) is not None
@@ -463,6 +493,7 @@ class UserCache:
                 counted = True
             if entry is not None:
                 return self._hand_out(entry[0], on_hit), outcome
+            assert flight is not None  # entry is None, so the block above set (or joined) one
             if leader:
                 return self._run(key, user_id, loader, flight, now), "miss"
             flight.done.wait()
@@ -580,14 +611,14 @@ class UserCache:
         """Stop serving what is cached for ``user_id``: here at once, elsewhere as soon as
         the version store propagates the bump. Call after changing roles or deactivating."""
         key = str(user_id)
-        self._versions.bump(key)  # first: no entry stamped before this can validate again
+        self.versions.bump(key)  # first: no entry stamped before this can validate again
         with self._lock:
             self._invalidations += 1
             self._entries.pop(key, None)
 
     def invalidate_all(self) -> None:
         """Stop serving every cached user, e.g. after changing what a role means."""
-        self._versions.bump_all()
+        self.versions.bump_all()
         with self._lock:
             self._invalidations += 1
             self._entries.clear()
