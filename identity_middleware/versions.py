@@ -31,6 +31,10 @@ class VersionStore(Protocol):
 
     ``bump(key)`` and ``bump_all()`` must have taken effect for this process when
     they return: a ``stamp(key)`` read afterwards differs from any read before.
+
+    ``close()`` is deliberately not part of the protocol: a cache closes only the
+    stores it built itself from ``IDENTITY_VERSION_STORE`` (both kinds have it); a
+    store passed in as ``versions=`` is its owner's to close.
     """
 
     def stamp(self, key: str) -> Hashable:
