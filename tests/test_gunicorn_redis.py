@@ -286,7 +286,9 @@ def test_killing_redis_serves_every_request_fresh_then_hits_resume(site, redis_s
     for outage in (1, 2):  # several outages: nothing accumulates
         redis_server.kill()
         # Each worker's listener notices and says so (WARNING under identity_middleware).
-        assert wait_for(lambda: warnings_logged(site, "lost the link to Redis") >= WORKERS * outage, 10, interval=0.02)
+        assert wait_for(
+            lambda outage=outage: warnings_logged(site, "lost the link to Redis") >= WORKERS * outage, 10, interval=0.02
+        )
         down_start = time.monotonic()
         down = site.fetch_many("/me", 30)
         down_end = time.monotonic()

@@ -175,7 +175,9 @@ def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_midd
         )
         errors: list[str] = []
         got_request_exception.connect(
-            lambda sender, exception, **kw: errors.append(f"{type(exception).__name__}: {exception}"), app, weak=False
+            lambda sender, exception, errors=errors, **kw: errors.append(f"{type(exception).__name__}: {exception}"),
+            app,
+            weak=False,
         )
         engine = app.extensions["example"].engine
         try:
@@ -183,7 +185,7 @@ def test_static_requests_on_slow_storage_exhaust_the_naive_pool_and_not_the_midd
                 cookie = log_in(port)
                 with _checkouts(engine) as watch:
                     idle: list[int] = []
-                    sampler = _Sampler(lambda: idle.append(_idle_in_transaction(database)))
+                    sampler = _Sampler(lambda idle=idle: idle.append(_idle_in_transaction(database)))
                     with sampler:
                         statuses = _burst(port, cookie, "/slow/static/report.css")
             after = _idle_in_transaction(database)

@@ -222,7 +222,7 @@ def test_redis_restarted_with_empty_data_never_revalidates_an_old_stamp(server, 
         for _ in range(3):
             before = store.stamp("1")
             other.bump("1")  # Redis counts 1, 2, 3 -- the same numbers after a restart
-            assert wait_for(lambda: store.stamp("1") != before)
+            assert wait_for(lambda before=before: store.stamp("1") != before)
             seen.add(store.stamp("1"))
 
     bump_three_times_and_record()
@@ -253,7 +253,7 @@ def test_counters_going_backwards_without_a_disconnect_change_nothing(server, ma
         for _ in range(3):
             before = store.stamp("1")
             other.bump("1")
-            assert wait_for(lambda: store.stamp("1") != before)
+            assert wait_for(lambda before=before: store.stamp("1") != before)
             seen.append(store.stamp("1"))
     assert store.synced
     assert len(set(seen)) == len(seen) == 6
