@@ -496,7 +496,7 @@ def test_every_principal_of_the_app_is_wrapped_once(tmp_path):
     app.wsgi_app.rebuild()
     for principal in principals:
         wrapper = principal.__dict__["_is_static_route"]
-        assert getattr(wrapper, "__identity_middleware_wrapped__")
+        assert wrapper.__identity_middleware_wrapped__
         # rebuilding did not wrap the wrapper: its closure holds Principal's own method
         assert wrapper.__closure__[0].cell_contents.__func__ is Principal._is_static_route
 
