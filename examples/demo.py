@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [measure("naive (Login + Principal)", naive, args.loads), measure("with identity_middleware", wrapped, args.loads)]
 
         print(f"One page load = GET / + {len(ASSETS)} assets, logged in as alice, {args.loads} loads each.\n")
-        print(f"| app | SQL, first load | SQL per later load | ms per load (median) |")
+        print("| app | SQL, first load | SQL per later load | ms per load (median) |")
         print("| --- | ---: | ---: | ---: |")
         for row in rows:
             print(f"| {row['label']} | {row['first']} | {row['later']:.1f} | {row['ms']:.2f} |")
