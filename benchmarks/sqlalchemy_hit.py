@@ -101,7 +101,7 @@ def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], C
 
     with factory(expire_on_commit=False) as s:
         template = s.get(User, 1)
-        template.roles  # loaded, then detached when the session closes
+        _ = template.roles  # loaded, then detached when the session closes
     snapshot = (
         (User, {"id": 1, "email": "alice@example.com", "active": True}),
         [(Role, {"id": 1, "name": "admin"}), (Role, {"id": 2, "name": "editor"})],
