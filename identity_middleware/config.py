@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 if TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["ConfigError", "Setting", "Resolved", "SETTINGS", "resolve", "resolve_one"]
+__all__ = ["ConfigError", "Setting", "Resolved", "SETTINGS", "resolve", "resolve_one", "redacted_url"]
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,26 @@ class ConfigError(ValueError):
         self.value = value
         self.expected = expected
         super().__init__(f"{name}={value!r} is not valid: expected {expected}")
+
+
+def redacted_url(url: Any) -> Any:
+    """``url`` with any password replaced by ``***``, fit for logs and error messages.
+
+    Anything that is not a URL with a password comes back unchanged.
+    """
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")[2]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return url.rpartition("@")[0].partition("://")[0] + "://***@" + url.rpartition("@")[2]
 
 
 # -- parsers: take a raw value (str from the environment, anything from code) ----------

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .config import SETTINGS, Resolved, resolve_one
+from .config import SETTINGS, Resolved, redacted_url, resolve_one
 from .versions import LocalVersionStore
 
 if TYPE_CHECKING:
@@ -65,17 +65,8 @@ def display(resolved: Resolved) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value)) if value else "(none)"
     if isinstance(value, str):
-        return _redact_url(value)
+        return redacted_url(value)
     return repr(value) if not isinstance(value, (int, float)) else f"{value:g}"
-
-
-def _redact_url(text: str) -> str:
-    if "@" not in text or "://" not in text:
-        return text
-    scheme, _, rest = text.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"
 
 
 def multi_process_server(

@@ -63,7 +63,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Hashable
 
-from .config import SETTINGS, ConfigError
+from .config import SETTINGS, ConfigError, redacted_url
 
 if TYPE_CHECKING:
     import redis
@@ -600,14 +600,14 @@ def _make_client(url_or_client: Any, socket_timeout: float) -> tuple[Any, str, b
         if url == "local":
             raise ValueError
     except (ValueError, TypeError):
-        raise ConfigError(_SETTING, _redacted(url_or_client), expected) from None
+        raise ConfigError(_SETTING, redacted_url(url_or_client), expected) from None
     try:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
     except ImportError:  # pragma: no cover - depends on the installed extras
         raise ConfigError(
-            _SETTING, _redacted(url), "redis-py installed: pip install 'identity_middleware[redis]'"
+            _SETTING, redacted_url(url), "redis-py installed: pip install 'identity_middleware[redis]'"
         ) from None
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -626,25 +626,8 @@ def _make_client(url_or_client: Any, socket_timeout: float) -> tuple[Any, str, b
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)
     except (ValueError, TypeError, redis.RedisError) as exc:
-        raise ConfigError(_SETTING, _redacted(url), f"{expected} ({exc})") from None
-    return client, _redacted(url), True
-
-
-def _redacted(url: Any) -> Any:
-    """The URL with any password replaced, fit for logs and error messages."""
-    if not isinstance(url, str) or "@" not in url:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-    except ValueError:
-        return url.rpartition("@")[0].partition("://")[0] + "://***@" + url.rpartition("@")[2]
+        raise ConfigError(_SETTING, redacted_url(url), f"{expected} ({exc})") from None
+    return client, redacted_url(url), True
 
 
 def _quietly_close(pubsub: Any, watch: _ReconnectWatch | None) -> None:
