@@ -25,13 +25,17 @@ __all__ = ["ConfigError", "Setting", "Resolved", "SETTINGS", "resolve", "resolve
 
 
 class ConfigError(ValueError):
-    """A setting has a value we cannot use. Raised at startup, never mid-request."""
+    """A setting has a value we cannot use. Raised at startup, never mid-request.
+
+    The message names the setting, the value and what was expected; a password in
+    a URL is masked there, since startup errors end up in logs.
+    """
 
     def __init__(self, name: str, value: Any, expected: str) -> None:
         self.name = name
         self.value = value
         self.expected = expected
-        super().__init__(f"{name}={value!r} is not valid: expected {expected}")
+        super().__init__(f"{name}={redacted_url(value)!r} is not valid: expected {expected}")
 
 
 def redacted_url(url: Any) -> Any:

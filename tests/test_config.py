@@ -99,3 +99,11 @@ def test_version_store_accepts_local_and_redis_urls(app, url):
 @pytest.mark.parametrize(("raw", "value"), [("1", True), ("0", False), ("true", True), ("off", False)])
 def test_switches_parse_common_spellings(app, raw, value):
     assert resolve_one("IDENTITY_SERVE_STATIC", None, app, environ={"IDENTITY_SERVE_STATIC": raw}).value is value
+
+
+def test_a_bad_redis_url_is_reported_without_its_password(app):
+    raw = "redis://:hunter2@cache.example:notaport/0"
+    with pytest.raises(ConfigError) as info:
+        resolve_one("IDENTITY_VERSION_STORE", None, app, environ={"IDENTITY_VERSION_STORE": raw})
+    assert "hunter2" not in str(info.value)
+    assert "IDENTITY_VERSION_STORE" in str(info.value) and "cache.example" in str(info.value)
