@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .matching import text_path_problem
+
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -108,15 +110,7 @@ def _static_paths(raw: Any) -> tuple[str, ...]:
         path = item.strip()
         if not path:
             continue
-        segments = path.split("/")
-        if (
-            not path.startswith("/")
-            or "." in segments
-            or ".." in segments
-            or "//" in path
-            or "\\" in path
-            or "\x00" in path
-        ):
+        if text_path_problem(path) is not None:  # the same test requests must pass
             raise ValueError
         paths.append(path)
     return tuple(paths)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.routing import Map, MapAdapter
 
-__all__ = ["Classifier", "Decision", "is_static_endpoint", "static_mounts"]
+__all__ = ["Classifier", "Decision", "canonical_problem", "is_static_endpoint", "static_mounts", "text_path_problem"]
 
 #: How many distinct (path, method) confirmations are remembered.
 CONFIRM_CACHE_SIZE = 4096
@@ -108,6 +108,14 @@ def canonical_problem(path: str) -> str | None:
     if _from_wsgi(path) is None:
         return "is not valid UTF-8"
     return None
+
+
+def text_path_problem(path: str) -> str | None:
+    """Why a path written as text (a setting, a CLI argument) is not canonical, or None."""
+    try:
+        return canonical_problem(_to_wsgi(path))
+    except UnicodeEncodeError:  # a lone surrogate: no server could send it
+        return "is not valid UTF-8"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from flask import Flask
 from . import config, timing
 from .config import ConfigError
 from .flask_hooks import MARK
-from .matching import Classifier, Decision, canonical_problem
+from .matching import Classifier, Decision, text_path_problem
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -265,7 +265,7 @@ def _checked_static_dirs(static_dirs: Mapping[str, Any] | None) -> dict[str, str
             not isinstance(prefix, str)
             or prefix == "/"
             or not prefix.endswith("/")
-            or canonical_problem(prefix.encode("utf-8").decode("latin-1")) is not None
+            or text_path_problem(prefix) is not None
         ):
             raise ConfigError("static_dirs", {prefix: folder}, _STATIC_DIRS_EXPECTED)
         try:

@@ -56,6 +56,8 @@ def test_process_environment_is_read_by_default(app, monkeypatch):
         ("IDENTITY_STATIC_PATHS", "/assets/../secret/"),
         ("IDENTITY_STATIC_PATHS", "/assets/./x"),
         ("IDENTITY_STATIC_PATHS", "/a//b"),
+        ("IDENTITY_STATIC_PATHS", "/a\\b.css"),
+        ("IDENTITY_STATIC_PATHS", "/lone-\udc80-surrogate"),
         ("IDENTITY_VERSION_STORE", "memcached://127.0.0.1"),
         ("IDENTITY_VERSION_STORE", "redis://127.0.0.1:notaport/0"),
         ("IDENTITY_VERSION_STORE", "nonsense"),
