@@ -24,6 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .config import SETTINGS, Resolved, redacted_url, resolve_one
+from .matching import path_adapter
 from .versions import LocalVersionStore
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def listed_coverage(app: Flask, listed: Sequence[str]) -> dict[str, list[str]]:
     An exact path covers the rule the URL map routes a GET of it to; a prefix
     covers every rule whose text starts with it (and the prefix itself).
     """
-    adapter = _adapter(app)
+    adapter = path_adapter(app)  # None when the host decides: do not guess
     coverage: dict[str, list[str]] = {}
     for path in listed:
         endpoints: list[str] = []
@@ -171,13 +172,6 @@ def listed_coverage(app: Flask, listed: Sequence[str]) -> dict[str, list[str]]:
             endpoints.append(endpoint)
         coverage[path] = endpoints
     return coverage
-
-
-def _adapter(app: Flask) -> Any:
-    url_map = app.url_map
-    if url_map.host_matching or app.subdomain_matching:
-        return None  # which rule answers depends on the host: do not guess
-    return url_map.bind("identity-middleware.invalid", subdomain=url_map.default_subdomain or "")
 
 
 def _route(adapter: Any, path: str) -> str | None:

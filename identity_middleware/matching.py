@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.routing import Map, MapAdapter
 
-__all__ = ["Classifier", "Decision", "canonical_problem", "is_static_endpoint", "static_mounts", "text_path_problem"]
+__all__ = ["Classifier", "Decision", "canonical_problem", "is_static_endpoint", "path_adapter", "static_mounts", "text_path_problem"]
 
 #: How many distinct (path, method) confirmations are remembered.
 CONFIRM_CACHE_SIZE = 4096
@@ -74,6 +74,19 @@ def static_mounts(app: Flask) -> dict[str, str]:
         if is_static_endpoint(rule.endpoint):
             mounts.setdefault(rule.rule.split("<", 1)[0], rule.endpoint)
     return mounts
+
+
+def path_adapter(app: Flask) -> MapAdapter | None:
+    """A URL adapter that matches by path alone, or None when the host decides.
+
+    Without host or subdomain matching this is what Flask's ``create_url_adapter``
+    builds for any request: the host plays no part. With either, which rule answers
+    depends on the request's host, so there is no host-free adapter.
+    """
+    url_map: Map = app.url_map
+    if url_map.host_matching or app.subdomain_matching:
+        return None
+    return url_map.bind("identity-middleware.invalid", subdomain=url_map.default_subdomain or "")
 
 
 def _to_wsgi(text: str) -> str:
@@ -172,15 +185,8 @@ class Classifier:
         self._host_sensitive = False
         self._adapter: MapAdapter | None = None
         if app is not None and self.mounts:
-            url_map: Map = app.url_map
-            self._host_sensitive = bool(url_map.host_matching or app.subdomain_matching)
-            if not self._host_sensitive:
-                # What Flask's create_url_adapter does for a request when neither
-                # host nor subdomain matching is on: the host plays no part.
-                self._adapter = url_map.bind(
-                    "identity-middleware.invalid",
-                    subdomain=url_map.default_subdomain or "",
-                )
+            self._adapter = path_adapter(app)
+            self._host_sensitive = self._adapter is None
         # Per-instance caches, so a rebuilt classifier starts empty.
         self._confirm = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route)
         self._confirm_host = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route_host)

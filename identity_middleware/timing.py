@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from flask import g, request
 
 from .config import resolve_one
+from .flask_hooks import MARK
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -43,9 +44,6 @@ __all__ = ["OUTCOMES", "install", "request_outcome", "header_value", "start_resp
 
 #: Every ``desc`` the header can carry.
 OUTCOMES = ("static", "hit", "miss", "negative", "bypass")
-
-#: The environ key the middleware sets on static requests (see middleware.py).
-_STATIC_MARK = "identity_middleware.static"
 
 #: ``app.extensions`` key recording that the after_request function is registered.
 _EXTENSION_KEY = "identity_server_timing"
@@ -62,7 +60,7 @@ def header_value(outcome: str, seconds: float = 0.0) -> str:
 
 def request_outcome() -> tuple[str, float]:
     """The identity decision of the current Flask request and its cost in seconds."""
-    if request.environ.get(_STATIC_MARK) is True:
+    if request.environ.get(MARK) is True:
         return "static", 0.0
     outcome = g.get("_identity_cache_outcome")
     if outcome is None:
