@@ -49,7 +49,16 @@ if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.routing import Map, MapAdapter
 
-__all__ = ["Classifier", "Decision", "canonical_problem", "is_static_endpoint", "path_adapter", "static_mounts", "text_path_problem"]
+__all__ = [
+    "Classifier",
+    "Decision",
+    "canonical_problem",
+    "is_flask_static_view",
+    "is_static_endpoint",
+    "path_adapter",
+    "static_mounts",
+    "text_path_problem",
+]
 
 #: How many distinct (path, method) confirmations are remembered.
 CONFIRM_CACHE_SIZE = 4096
@@ -60,6 +69,47 @@ _METHODS = frozenset({"GET", "HEAD"})
 def is_static_endpoint(endpoint: str) -> bool:
     """True for Flask's static endpoints: ``static`` and ``<blueprint>.static``."""
     return endpoint == "static" or endpoint.endswith(".static")
+
+
+def _flask_static_lambdas() -> frozenset[Any]:
+    """The code objects of the view Flask's constructor registers for the app's static folder."""
+    import inspect
+
+    from flask import Flask
+
+    return frozenset(c for c in Flask.__init__.__code__.co_consts if inspect.iscode(c))
+
+
+def is_flask_static_view(app: Flask, endpoint: str) -> bool:
+    """True when ``endpoint`` is served by Flask's own, unwrapped static view.
+
+    The endpoint *name* proves nothing: an app may wrap the view
+    (``app.view_functions["static"] = login_required(...)``) or a blueprint may
+    name a dynamic view ``static``. What Flask runs is the function registered
+    for the endpoint, so that is what is checked: for the app, the lambda that
+    ``Flask.__init__`` registers (its code object is a constant of that
+    function) with ``send_static_file`` not overridden by an app subclass; for
+    a blueprint, ``Blueprint.send_static_file`` bound to that very blueprint.
+    """
+    from flask import Blueprint, Flask
+
+    view = app.view_functions.get(endpoint)
+    if view is None:
+        return False
+    if endpoint == "static":
+        return (
+            getattr(view, "__code__", None) in _flask_static_lambdas()
+            and type(app).send_static_file is Flask.send_static_file
+        )
+    name, dot, last = endpoint.rpartition(".")
+    if not dot or last != "static":
+        return False
+    blueprint = app.blueprints.get(name)
+    return (
+        blueprint is not None
+        and getattr(view, "__self__", None) is blueprint
+        and getattr(view, "__func__", None) is Blueprint.send_static_file
+    )
 
 
 def static_mounts(app: Flask) -> dict[str, str]:
