@@ -18,6 +18,7 @@ from typing import Any
 from .cache import CacheStats, UserCache
 from .config import ConfigError
 from .middleware import IdentityMiddleware, is_static_request
+from .serve_rules import static_safe
 from .static import StaticFiles
 from .versions import LocalVersionStore, VersionStore
 
@@ -26,6 +27,7 @@ __all__ = [
     "CacheStats",
     "IdentityMiddleware",
     "is_static_request",
+    "static_safe",
     "StaticFiles",
     "ConfigError",
     "LocalVersionStore",

@@ -37,6 +37,7 @@ from . import config, timing
 from .config import ConfigError
 from .flask_hooks import MARK
 from .matching import Classifier, Decision, text_path_problem
+from .serve_rules import MountVerdict, ServePlan, resolve_safe_hooks
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -63,6 +64,15 @@ class IdentityMiddleware:
         their prefixes are also listed static paths.
     :param debug_headers: add a ``Server-Timing`` header describing the
         decision (``IDENTITY_DEBUG_HEADERS``).
+    :param static_safe_hooks: serve mode only: the app's ``before_request``,
+        ``after_request``, ``url_value_preprocessor`` functions and signal
+        receivers that are harmless for a GET of a static file, so that they do
+        not keep a mount from being answered before Flask (also
+        ``app.config["IDENTITY_STATIC_SAFE_HOOKS"]``; never the environment).
+        See :mod:`identity_middleware.serve_rules`.
+    :param static_options: serve mode only: keyword arguments for
+        :class:`~identity_middleware.static.StaticFiles`, such as
+        ``immutable_pattern``, ``immutable_manifest`` or ``recheck_interval``.
 
     Settings resolve as environment > argument > ``app.config`` > default,
     at construction; a bad value raises :class:`ConfigError` then.
@@ -79,6 +89,9 @@ class IdentityMiddleware:
         "listed",
         "_classifier",
         "_files",
+        "_serve_plan",
+        "_safe_hooks",
+        "_static_options",
         "_debug_headers",
         "_ready",
         "_lock",
@@ -92,6 +105,8 @@ class IdentityMiddleware:
         serve_static: bool | None = None,
         static_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
         debug_headers: bool | None = None,
+        static_safe_hooks: Iterable[Any] | None = None,
+        static_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
         self.app: Flask | None = _flask_app_of(wsgi_app)
@@ -113,6 +128,9 @@ class IdentityMiddleware:
         #: Listed paths: the setting plus the prefixes of ``static_dirs``.
         self.listed: tuple[str, ...] = tuple(dict.fromkeys((*listed_paths.value, *self.static_dirs)))
         self._files: Callable[[WSGIEnvironment, StartResponse], Any] | None = None
+        self._serve_plan: ServePlan | None = None
+        self._safe_hooks = resolve_safe_hooks(static_safe_hooks, self.app)
+        self._static_options: dict[str, Any] = _checked_static_options(static_options)
         self._debug_headers: bool = self.settings["IDENTITY_DEBUG_HEADERS"].value
         self._lock = threading.Lock()
         if self.app is None:
@@ -178,16 +196,44 @@ class IdentityMiddleware:
         log.startup(self)  # one INFO line per app with the effective settings
 
     def _static_files(self, classifier: Classifier) -> Callable[..., Any]:
+        """Serve mode's file index, over the mounts no app code keeps from being served."""
         from .static import StaticFiles  # serve mode only
 
-        mounts: dict[str, str] = {}
+        plan = self._plan(classifier)
+        self._serve_plan = plan
+        # Mounts that are not served still own their subtree: ``routed`` refuses their
+        # URLs, so an outer folder never answers for them.
+        options = {"app": self.app, "routed": plan.routed, **self._static_options}
+        return StaticFiles(plan.mounts, **options)  # type: ignore[no-any-return]
+
+    def _plan(self, classifier: Classifier) -> ServePlan:
+        from . import serve_rules
+
+        folders: dict[str, str | None] = {}
         if self.app is not None:
             for prefix, endpoint in classifier.mounts.items():
-                folder = _static_folder(self.app, endpoint)
-                if folder is not None:
-                    mounts.setdefault(prefix, folder)
-        mounts.update(self.static_dirs)
-        return StaticFiles(mounts, app=self.app, routed=classifier.is_static_path)  # type: ignore[no-any-return]
+                folders[prefix] = _static_folder(self.app, endpoint)
+        return serve_rules.plan(
+            self.app, classifier.mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks[0]
+        )
+
+    def serve_verdicts(self) -> tuple[MountVerdict, ...]:
+        """Per static mount: answered before Flask or not, and which function keeps it from it.
+
+        Empty when serve mode is off. Before the first request, computed from the
+        app as it is now (the CLI does this).
+        """
+        if not self.settings["IDENTITY_SERVE_STATIC"].value:
+            return ()
+        plan = self._serve_plan or self._plan(self.classifier)
+        return plan.verdicts
+
+    def serve_summary(self) -> str | None:
+        """The verdicts in one clause for the startup line; ``None`` when serve mode is off."""
+        if not self.settings["IDENTITY_SERVE_STATIC"].value:
+            return None
+        plan = self._serve_plan or self._plan(self.classifier)
+        return plan.summary()
 
     def rebuild(self) -> None:
         """Rebuild the classifier (and the static file index) from the app as it is now.
@@ -246,6 +292,19 @@ def _static_folder(app: Flask, endpoint: str) -> str | None:
     if blueprint is None or not blueprint.has_static_folder:
         return None
     return blueprint.static_folder
+
+
+def _checked_static_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError("static_options", options, "a mapping of StaticFiles keyword arguments")
+    from .static import OPTIONS
+
+    for name in options:
+        if name not in OPTIONS:
+            raise ConfigError("static_options", name, "one of " + ", ".join(sorted(OPTIONS)))
+    return dict(options)
 
 
 _STATIC_DIRS_EXPECTED = (

@@ -119,6 +119,8 @@ import mimetypes
 import os
 import re
 import stat
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping
 
 from werkzeug.http import (
@@ -131,19 +133,16 @@ from werkzeug.http import (
 )
 from werkzeug.utils import get_content_type
 
+from . import fingerprints
 from .config import ConfigError
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from flask import Flask
 
-__all__ = ["StaticFiles", "DEFAULT_IMMUTABLE_PATTERN"]
+__all__ = ["StaticFiles", "OPTIONS"]
 
 log = logging.getLogger(__name__)
-
-#: A fingerprint segment: ``.3f2a9c1b.`` or ``-3f2a9c1b.`` (8+ lowercase hex
-#: digits, at least one a-f, so dates such as ``report-20240101.csv`` do not count).
-DEFAULT_IMMUTABLE_PATTERN = r"[.-](?=[0-9]*[a-f])[0-9a-f]{8,}\."
 
 _IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 _HASH_LIMIT = 32 * 1024 * 1024
@@ -157,7 +156,22 @@ _CONDITIONAL_KEYS = (
 )
 _UNLISTED = 1e-6  # the q-value of an identity coding the client did not mention
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_UNSET: Any = object()
+_monotonic = time.monotonic
+
+#: The keyword options of :class:`StaticFiles` (what ``IdentityMiddleware(static_options=...)`` accepts).
+OPTIONS = frozenset(
+    {
+        "autorefresh",
+        "allow_dotfiles",
+        "immutable_pattern",
+        "immutable_manifest",
+        "max_age",
+        "in_memory_max",
+        "in_memory_total",
+        "block_size",
+        "recheck_interval",
+    }
+)
 
 
 class _File:
@@ -176,6 +190,9 @@ class _File:
         "vary",
         "variants",
         "signature",
+        "key",
+        "fresh_until",
+        "source",
     )
 
     def __init__(
@@ -190,6 +207,12 @@ class _File:
         vary: bool,
     ) -> None:
         self.path = path
+        self.key = _stat_key(st)  # what the file was when body, size and tag were taken
+        #: monotonic time until which an in-memory entry is answered without a stat; a
+        #: streamed one (no body) is checked on every request, so it stays 0
+        self.fresh_until = 0.0
+        #: (prefix, folder, relative path) of an index entry, to re-read it when it changed
+        self.source: tuple[str, str, str] | None = None
         self.size = st.st_size
         self.mtime_ns = st.st_mtime_ns
         self.mtime_s = int(st.st_mtime)
@@ -274,8 +297,13 @@ class StaticFiles:
     ``allow_dotfiles``
         Serve names starting with ``.`` too. Default ``False``.
     ``immutable_pattern``
-        Regex (string or compiled) searched in a file's name; a match means a
-        fingerprinted name cached for a year. ``None`` disables it.
+        Regex (string or compiled) searched in a file's name: the owner
+        declares matching names fingerprinted, cached for a year as
+        ``immutable``. Default ``None``: only names whose embedded hex hash is
+        verified against the content are (:mod:`identity_middleware.fingerprints`).
+    ``immutable_manifest``
+        Path (or paths) of a bundler manifest whose listed names are
+        fingerprinted (webpack, gulp-rev, Django, Sprockets, Vite formats).
     ``max_age``
         Seconds for ``Cache-Control`` when there is no ``app`` (``None`` gives
         ``no-cache``, like Flask's default).
@@ -285,6 +313,10 @@ class StaticFiles:
         ...until they add up to this many bytes (default 64 MiB).
     ``block_size``
         Read size when streaming larger files (default 64 KiB).
+    ``recheck_interval``
+        Seconds a file kept in memory is answered from memory before it is
+        checked on disk again (default 1.0; ``0`` checks on every request).
+        Files streamed from disk are checked on every request.
 
     Environ keys read: ``REQUEST_METHOD``, ``PATH_INFO``,
     ``HTTP_ACCEPT_ENCODING``, the conditional and range headers and
@@ -299,17 +331,28 @@ class StaticFiles:
         routed: Callable[[str], bool] | None = None,
         autorefresh: bool | None = None,
         allow_dotfiles: bool = False,
-        immutable_pattern: str | re.Pattern[str] | None = _UNSET,
+        immutable_pattern: str | re.Pattern[str] | None = None,
+        immutable_manifest: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
         max_age: int | None = None,
         in_memory_max: int = 64 * 1024,
         in_memory_total: int = 64 * 1024 * 1024,
         block_size: int = 64 * 1024,
+        recheck_interval: float = 1.0,
     ) -> None:
         self._app = app
         self._routed = routed
         self._allow_dotfiles = allow_dotfiles
         self._autorefresh = bool(app.debug if autorefresh is None and app is not None else autorefresh)
         self._immutable = _compile_pattern(immutable_pattern)
+        self._manifest = fingerprints.load_manifests(immutable_manifest)
+        if (
+            isinstance(recheck_interval, bool)
+            or not isinstance(recheck_interval, (int, float))
+            or not 0 <= recheck_interval < float("inf")
+        ):
+            raise ConfigError("recheck_interval", recheck_interval, "a number of seconds >= 0")
+        self._recheck_interval = float(recheck_interval)
+        self._reloading = threading.Lock()
         self._max_age = max_age
         self._in_memory_max = in_memory_max
         # autorefresh keeps at most 1024 entries instead of counting bytes
@@ -334,9 +377,14 @@ class StaticFiles:
         method = environ.get("REQUEST_METHOD")
         if method != "GET" and method != "HEAD":
             return None
-        file = self._lookup(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        file = self._lookup(path)
         if file is None:
             return None
+        if file.fresh_until <= _monotonic():  # streamed, or due for its periodic check
+            file = self._fresh(path, file)
+            if file is None:
+                return None
         if file.variants is not None:
             file = self._negotiate(file, environ.get("HTTP_ACCEPT_ENCODING"))
         if not environ.keys().isdisjoint(_CONDITIONAL_KEYS):
@@ -488,8 +536,9 @@ class StaticFiles:
                     siblings = {
                         coding: found[rel + suffix] for coding, suffix in _CODINGS if rel + suffix in found
                     }
-                    file = self._make(rel, path, st, siblings)
+                    file = self._make(prefix, rel, path, st, siblings)
                     if file is not None:
+                        file.source = (prefix, root, rel)
                         self._index[key] = file
         in_memory = sum(len(f.body) for f in self._index.values() if f.body is not None)
         log.debug(
@@ -501,6 +550,7 @@ class StaticFiles:
 
     def _make(
         self,
+        prefix: str,
         rel: str,
         path: str,
         st: os.stat_result,
@@ -510,32 +560,52 @@ class StaticFiles:
         name = rel.rsplit("/", 1)[-1]
         mimetype, own_coding = mimetypes.guess_type(name)
         content_type = get_content_type(mimetype or "application/octet-stream", "utf-8")
-        cache_control = self._cache_control(rel, name)
-        vary = bool(siblings)
-        file = self._read(path, content_type, own_coding, cache_control, vary)
-        if file is None:
+        declared = self._declared_immutable(prefix + rel, name)
+        loaded = self._read(path, () if declared else fingerprints.candidates(name))
+        if loaded is None:
             return None
+        file_st, etag, body, verified = loaded
+        cache_control = self._cache_control(rel, declared or verified)
+        vary = bool(siblings)
+        file = _File(path, file_st, etag, body, content_type, own_coding, cache_control, vary)
         signature: list[Any] = [_stat_key(st)]
         if siblings:
             file.variants = {}
             for coding, (sibling_path, sibling_st) in siblings.items():
-                variant = self._read(sibling_path, content_type, coding, cache_control, vary)
-                if variant is not None:
-                    file.variants[coding] = variant
+                sibling = self._read(sibling_path, ())
+                if sibling is not None:
+                    sibling_file_st, sibling_etag, sibling_body, _ = sibling
+                    file.variants[coding] = _File(
+                        sibling_path,
+                        sibling_file_st,
+                        sibling_etag,
+                        sibling_body,
+                        content_type,
+                        coding,
+                        cache_control,
+                        vary,
+                    )
                     signature.append((coding, _stat_key(sibling_st)))
             if not file.variants:
                 file.variants = None
         file.signature = tuple(signature)
+        if file.body is not None:
+            file.fresh_until = _monotonic() + self._recheck_interval
         return file
 
     def _read(
-        self, path: str, content_type: str, coding: str | None, cache_control: str, vary: bool
-    ) -> _File | None:
-        """Read (or hash) one file through a single handle, so size, tag and body agree."""
+        self, path: str, fingerprint_candidates: tuple[str, ...]
+    ) -> tuple[os.stat_result, str, bytes | None, bool] | None:
+        """Read (or hash) one file through a single handle, so size, tag and body agree.
+
+        Returns ``(stat, etag, body or None, fingerprint verified)``; the
+        fingerprint is checked only for names that have ``fingerprint_candidates``.
+        """
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError:
             return None
+        digests = fingerprints.Digests(fingerprint_candidates) if fingerprint_candidates else None
         with open(fd, "rb", buffering=0) as handle:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -547,6 +617,8 @@ class StaticFiles:
                 if len(body) != st.st_size:
                     return None  # being written right now; Flask will serve it
                 etag = hashlib.blake2b(body, digest_size=16).hexdigest()
+                if digests is not None:
+                    digests.update(body)
                 if len(body) > self._memory_left:
                     body = None
                 else:
@@ -555,13 +627,22 @@ class StaticFiles:
                 digest = hashlib.blake2b(digest_size=16)
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
+                    if digests is not None:
+                        digests.update(block)
                 etag = digest.hexdigest()
             else:
                 etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
-        return _File(path, st, etag, body, content_type, coding, cache_control, vary)
+                digests = None  # not read: never verified
+        return st, etag, body, digests is not None and digests.verified()
 
-    def _cache_control(self, rel: str, name: str) -> str:
+    def _declared_immutable(self, url: str, name: str) -> bool:
+        """The owner says this name is fingerprinted: by pattern or by manifest."""
         if self._immutable is not None and self._immutable.search(name):
+            return True
+        return fingerprints.listed_in(self._manifest, url)
+
+    def _cache_control(self, rel: str, immutable: bool) -> str:
+        if immutable:
             return _IMMUTABLE_CACHE_CONTROL
         max_age = self._app.get_send_file_max_age(rel) if self._app is not None else self._max_age
         if max_age is None:
@@ -573,6 +654,49 @@ class StaticFiles:
     def _app_context(self) -> Any:
         """``get_send_file_max_age`` reads ``current_app.config``."""
         return contextlib.nullcontext() if self._app is None else self._app.app_context()
+
+    # -- every answer reflects the file as it is ------------------------------------------
+
+    def _fresh(self, path: str, file: _File) -> _File | None:
+        """``file`` if it is unchanged on disk, its re-read entry if it changed, ``None`` if gone.
+
+        Streamed files come here on every request, in-memory ones once per
+        ``recheck_interval``: a stat of the file and of each sibling.
+        """
+        if _unchanged(file):
+            if file.body is not None:
+                file.fresh_until = _monotonic() + self._recheck_interval
+            return file
+        return self._reload(path, file)
+
+    def _reload(self, path: str, old: _File) -> _File | None:
+        """Re-read a changed file into the index; ``None`` (Flask answers) when it is gone,
+        or while another thread is already re-reading it."""
+        if old.source is None or not self._reloading.acquire(blocking=False):
+            return None
+        try:
+            current = self._index.get(path)
+            if current is not None and current is not old:
+                return current if _unchanged(current) else None  # another thread's fresh copy
+            prefix, root, rel = old.source
+            held = _memory_of(old)
+            self._memory_left += held
+            found = _stat_group(root, rel, self._allow_dotfiles)
+            new = None
+            if found is not None:
+                real, st, siblings = found
+                with self._app_context():
+                    new = self._make(prefix, rel, real, st, siblings)
+            if new is None:
+                self._memory_left -= held  # the old entry stays, answered by Flask until it is back
+                old.fresh_until = 0.0
+                return None
+            new.source = old.source
+            self._index[path] = new
+            log.debug("static file %s changed on disk; re-read", path)
+            return new
+        finally:
+            self._reloading.release()
 
     # -- autorefresh -----------------------------------------------------------------
 
@@ -590,36 +714,20 @@ class StaticFiles:
         rel = text[len(prefix) :]
         if not _safe_relative(rel, self._allow_dotfiles):
             return None
-        real = _contained(root, os.path.join(root, rel), self._allow_dotfiles)
-        if real is None:
-            return None
         if self._routed is not None and not self._routed(text):
             return None
-        try:
-            st = os.stat(real)
-        except OSError:
+        found = _stat_group(root, rel, self._allow_dotfiles)
+        if found is None:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        signature: list[Any] = [_stat_key(st)]
-        siblings: dict[str, tuple[str, os.stat_result]] = {}
-        for coding, suffix in _CODINGS:
-            sibling = _contained(root, os.path.join(root, rel + suffix), self._allow_dotfiles)
-            if sibling is None:
-                continue
-            try:
-                sibling_st = os.stat(sibling)
-            except OSError:
-                continue
-            if stat.S_ISREG(sibling_st.st_mode):
-                siblings[coding] = (sibling, sibling_st)
-                signature.append((coding, _stat_key(sibling_st)))
+        real, st, siblings = found
+        signature = (_stat_key(st), *((coding, _stat_key(s)) for coding, (_, s) in siblings.items()))
         cached = self._live.get(path)
-        if cached is not None and cached.signature == tuple(signature):
+        if cached is not None and cached.signature == signature:
             return cached
         with self._app_context():
-            file = self._make(rel, real, st, siblings)
+            file = self._make(prefix, rel, real, st, siblings)
         if file is not None:
+            file.fresh_until = float("inf")  # looked up on disk on every request already
             if len(self._live) >= 1024:
                 self._live.clear()
             self._live[path] = file
@@ -630,8 +738,6 @@ class StaticFiles:
 
 
 def _compile_pattern(pattern: Any) -> re.Pattern[str] | None:
-    if pattern is _UNSET:
-        pattern = DEFAULT_IMMUTABLE_PATTERN
     if pattern is None or isinstance(pattern, re.Pattern):
         return pattern
     try:
@@ -745,8 +851,60 @@ def _text_path(path: str) -> str | None:
         return None
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies a file's content without reading it. ``ctime`` is in it because
+    tools that keep size and ``mtime`` (``rsync -t``, ``cp -p``, ``touch -r``) cannot
+    set it: any write moves it."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _unchanged(file: _File) -> bool:
+    """Whether the file and each precompressed sibling are still what the entry was read from."""
+    try:
+        if _stat_key(os.stat(file.path)) != file.key:
+            return False
+        if file.variants is not None:
+            for variant in file.variants.values():
+                if _stat_key(os.stat(variant.path)) != variant.key:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _memory_of(file: _File) -> int:
+    held = len(file.body) if file.body is not None else 0
+    for variant in (file.variants or {}).values():
+        held += len(variant.body) if variant.body is not None else 0
+    return held
+
+
+def _stat_group(
+    root: str, rel: str, allow_dotfiles: bool
+) -> tuple[str, os.stat_result, dict[str, tuple[str, os.stat_result]]] | None:
+    """The real path and stat of ``rel`` under ``root`` and of its ``.br``/``.gz`` siblings,
+    with the containment rules of the walk; ``None`` when it is not a regular file inside."""
+    real = _contained(root, os.path.join(root, rel), allow_dotfiles)
+    if real is None:
+        return None
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    siblings: dict[str, tuple[str, os.stat_result]] = {}
+    for coding, suffix in _CODINGS:
+        sibling = _contained(root, os.path.join(root, rel + suffix), allow_dotfiles)
+        if sibling is None:
+            continue
+        try:
+            sibling_st = os.stat(sibling)
+        except OSError:
+            continue
+        if stat.S_ISREG(sibling_st.st_mode):
+            siblings[coding] = (sibling, sibling_st)
+    return real, st, siblings
 
 
 def _open_unchanged(file: _File) -> Any:
@@ -761,7 +919,7 @@ def _open_unchanged(file: _File) -> Any:
     except OSError:
         handle.close()
         return None
-    if st.st_size != file.size or st.st_mtime_ns != file.mtime_ns:
+    if _stat_key(st) != file.key:
         handle.close()
         return None
     return handle

@@ -24,7 +24,7 @@ import pytest
 from conftest import count_sql
 from flask import Blueprint, Flask, request_started
 
-from identity_middleware import IdentityMiddleware
+from identity_middleware import IdentityMiddleware, static_safe
 from servers import Reply, fetch, log_in, serving
 
 CSS = b"".join(b".parity-%04d { margin: 0; }\n" % i for i in range(100))
@@ -97,6 +97,7 @@ def pair_of(folders: tuple[str, str], **config: Any) -> Iterator[Pair]:
     served.wsgi_app = IdentityMiddleware(served.wsgi_app, serve_static=True)  # type: ignore[method-assign]
     entered: list[str] = []
 
+    @static_safe  # the probe itself must not keep the mounts from being served before Flask
     def started(sender: Flask, **extra: Any) -> None:
         from flask import request
 
@@ -308,6 +309,7 @@ def test_logged_in_page_load_runs_no_sql_for_assets_and_skips_flask_in_serve_mod
     stats = app.extensions["example"]
     entered: list[str] = []
 
+    @static_safe  # the probe itself must not keep the mounts from being served before Flask
     def started(sender: Flask, **extra: Any) -> None:
         from flask import request
 
