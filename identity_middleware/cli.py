@@ -75,6 +75,7 @@ def status() -> None:
     if middleware is not None:
         _echo_mounts(app, middleware)
         _echo_listed(app, middleware)
+        _echo_serve_mode(middleware)
 
     click.echo("\nUser cache:")
     if cache is None:
@@ -118,6 +119,20 @@ def _echo_listed(app: Flask, middleware: Any) -> None:
         kind = "prefix" if path.endswith("/") else "exact"
         served = ", ".join(endpoints) if endpoints else "no route (404 unless serve mode has the file)"
         click.echo(f"  {path:<24} {kind:<6} covers {served}")
+
+
+def _echo_serve_mode(middleware: Any) -> None:
+    if not middleware.settings["IDENTITY_SERVE_STATIC"].value:
+        click.echo("\nServe mode (IDENTITY_SERVE_STATIC): off")
+        return
+    click.echo("\nServe mode (IDENTITY_SERVE_STATIC): per mount")
+    verdicts = middleware.serve_verdicts()  # the rules live in serve_rules.py
+    if not verdicts:
+        click.echo("  (no static folder)")
+    for verdict in verdicts:
+        click.echo(f"  {verdict.describe()}")
+        for skipped in verdict.skipped:
+            click.echo(f"      skips {skipped}")
 
 
 # -- check --------------------------------------------------------------------------

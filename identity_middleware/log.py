@@ -202,6 +202,10 @@ def startup(middleware: Any = None, cache: Any = None, *, app: Flask | None = No
         parts.append("user cache: not installed")
     elif versions is not None:
         parts.append(f"version store: {type(versions).__name__}")
+    serve_summary = getattr(middleware, "serve_summary", None)
+    served = serve_summary() if callable(serve_summary) else None
+    if served:  # per mount: answered before Flask, or which function keeps it from it
+        parts.append(served)
     message = "identity_middleware started: " + ", ".join(parts)
     if app is not None and app.extensions.get(_LOGGED):
         return message

@@ -319,6 +319,10 @@ class _Judge:
             mine = getattr(type(app), method, None)
             if mine is not getattr(Flask, method, None) and not self.safe(mine):
                 blockers.append(f"{type(app).__qualname__}.{method} overrides Flask's request cycle")
+            # app.wsgi_app on the instance is where middleware goes; the chain check covers it
+            replaced = vars(app).get(method)
+            if replaced is not None and method != "wsgi_app" and not self.safe(replaced):
+                blockers.append(f"app.{method} is replaced by {_name(replaced)}")
         for attribute, default in (("request_class", Request), ("response_class", Response)):
             cls = getattr(app, attribute)
             if cls is not default and not self.safe(cls):
@@ -416,8 +420,12 @@ def _wsgi_chain_problem(wsgi_app: Any, app: Flask) -> str | None:
 
     current = wsgi_app
     for _ in range(8):
-        if current is app:
-            return None
+        if current is app:  # Flask.__call__ runs app.wsgi_app, which may be a middleware
+            inner = vars(app).get("wsgi_app")
+            if inner is None:
+                return None
+            current = inner
+            continue
         if inspect.ismethod(current) and current.__self__ is app and current.__func__ is Flask.wsgi_app:
             return None
         if isinstance(current, ProxyFix):
