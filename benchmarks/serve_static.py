@@ -4,8 +4,10 @@ Time per request, in-process through each WSGI callable, body consumed and
 closed, for a 2 KB CSS file and a 1 MB JS file:
 
 * serve mode: ``IdentityMiddleware(app.wsgi_app, serve_static=True)`` on a
-  Flask app (classification + :class:`StaticFiles`), and ``StaticFiles``
-  alone behind a two-line dispatcher;
+  Flask app (classification + :class:`StaticFiles`), on a Flask app with
+  Flask-Login and Flask-Principal (whose hooks serve mode knows to be harmless,
+  so it is still answered before Flask -- checked before timing), and
+  ``StaticFiles`` alone behind a two-line dispatcher;
 * WhiteNoise (the anchor: targets are <= 1.0x WhiteNoise on both sizes);
 * werkzeug's ``SharedDataMiddleware``;
 * Flask's own static view;
@@ -90,6 +92,7 @@ def _apps(folder: str, contents: dict[str, bytes]) -> dict[str, WSGIApp]:
 
     return {
         "serve mode (IdentityMiddleware)": served,
+        "serve mode, Login + Principal app": _login_principal_app(folder),
         "StaticFiles alone": dispatch(StaticFiles({"/static/": folder})),
         # why small files are kept in memory: the same, reading the disk per request
         "StaticFiles alone, no in-memory copy": dispatch(StaticFiles({"/static/": folder}, in_memory_max=0)),
@@ -98,6 +101,25 @@ def _apps(folder: str, contents: dict[str, bytes]) -> dict[str, WSGIApp]:
         "Flask static view": Flask("plain", static_folder=folder, static_url_path="/static"),
         "trivial WSGI (floor)": _floor(contents),
     }
+
+
+def _login_principal_app(folder: str) -> WSGIApp:
+    """An ordinary Login + Principal app in serve mode; refuses to be timed if Flask would answer."""
+    from flask import Flask
+    from flask_login import LoginManager
+    from flask_principal import Principal
+
+    from identity_middleware import IdentityMiddleware
+
+    app = Flask("serve_mode_login", static_folder=folder, static_url_path="/static")
+    app.config["SECRET_KEY"] = "benchmark"
+    LoginManager(app).user_loader(lambda user_id: None)
+    Principal(app)
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, serve_static=True)  # type: ignore[method-assign]
+    for verdict in app.wsgi_app.serve_verdicts():
+        if not verdict.served:
+            raise AssertionError(verdict.describe())
+    return app
 
 
 def _call(app: WSGIApp, environ: dict[str, Any]) -> tuple[str, int]:

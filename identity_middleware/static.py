@@ -147,13 +147,6 @@ log = logging.getLogger(__name__)
 _IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 _HASH_LIMIT = 32 * 1024 * 1024
 _CODINGS = (("br", ".br"), ("gzip", ".gz"))  # preference order on equal q
-_CONDITIONAL_KEYS = (
-    "HTTP_IF_NONE_MATCH",
-    "HTTP_IF_MODIFIED_SINCE",
-    "HTTP_RANGE",
-    "HTTP_IF_MATCH",
-    "HTTP_IF_UNMODIFIED_SINCE",
-)
 _UNLISTED = 1e-6  # the q-value of an identity coding the client did not mention
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _monotonic = time.monotonic
@@ -387,7 +380,13 @@ class StaticFiles:
                 return None
         if file.variants is not None:
             file = self._negotiate(file, environ.get("HTTP_ACCEPT_ENCODING"))
-        if not environ.keys().isdisjoint(_CONDITIONAL_KEYS):
+        if (  # spelled out: five dict probes cost half of one keys().isdisjoint()
+            "HTTP_IF_NONE_MATCH" in environ
+            or "HTTP_IF_MODIFIED_SINCE" in environ
+            or "HTTP_RANGE" in environ
+            or "HTTP_IF_MATCH" in environ
+            or "HTTP_IF_UNMODIFIED_SINCE" in environ
+        ):
             return self._conditional(file, environ, start_response, method)
         body = file.body
         if body is not None:  # the common case, kept inline: a small file from memory
