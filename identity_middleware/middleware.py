@@ -203,7 +203,7 @@ class IdentityMiddleware:
         self._serve_plan = plan
         # Mounts that are not served still own their subtree: ``routed`` refuses their
         # URLs, so an outer folder never answers for them.
-        options = {"app": self.app, "routed": plan.routed, **self._static_options}
+        options = {"app": self.app, "routed": plan.routed, "max_age_for": plan.max_age_for, **self._static_options}
         return StaticFiles(plan.mounts, **options)  # type: ignore[no-any-return]
 
     def _plan(self, classifier: Classifier) -> ServePlan:

@@ -191,6 +191,8 @@ class ServePlan:
     verdicts: tuple[MountVerdict, ...]
     mounts: dict[str, str] = field(default_factory=dict)  # served prefix -> folder
     routed: Callable[[str], bool] | None = None
+    #: served blueprint prefix -> the blueprint's get_send_file_max_age, which its view calls
+    max_age_for: dict[str, Callable[[str], int | None]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """The verdicts in one clause, for the startup line."""
@@ -224,6 +226,7 @@ def plan(
     verdicts: list[MountVerdict] = []
     served_endpoints: set[str] = set()
     served_mounts: dict[str, str] = {}
+    max_age_for: dict[str, Callable[[str], int | None]] = {}
     for prefix, endpoint in mounts.items():
         folder = folders.get(prefix)
         blockers = list(app_blockers)
@@ -236,6 +239,10 @@ def plan(
         if verdict.served and folder is not None:
             served_endpoints.add(endpoint)
             served_mounts.setdefault(prefix, folder)
+            # Flask's view of a blueprint folder asks the blueprint, not the app
+            max_age = getattr(app.blueprints.get(endpoint.rpartition(".")[0]), "get_send_file_max_age", None)
+            if max_age is not None:
+                max_age_for[prefix] = max_age
     served_dirs: list[str] = []
     for prefix, folder in static_dirs.items():
         verdict = _verdict(prefix, folder, None, list(app_blockers), judge.skipped(None), adapter)
@@ -246,7 +253,7 @@ def plan(
     routed = _routed(adapter, frozenset(served_endpoints), tuple(served_dirs)) if adapter is not None else None
     if adapter is None:
         served_mounts = {}
-    return ServePlan(tuple(verdicts), served_mounts, routed if routed is not None else _nothing)
+    return ServePlan(tuple(verdicts), served_mounts, routed if routed is not None else _nothing, max_age_for)
 
 
 def _nothing(path: str) -> bool:

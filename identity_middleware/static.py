@@ -7,7 +7,9 @@ header it will ever send, so a request costs one dict lookup and a
 ``start_response``. A URL that is not in the index returns ``None`` and the
 caller passes the request on to Flask, which decides exactly as it does
 without serve mode. Path traversal is impossible by construction: only URLs
-built from a walk of the folders can be found.
+built from a walk of the folders can be found. Which mounts are given to it
+at all -- only those for which no code of the app would have run -- is
+decided in :mod:`identity_middleware.serve_rules`.
 
 What it answers (``GET`` and ``HEAD`` only; every other method returns
 ``None``, unlike WhiteNoise's 405):
@@ -18,10 +20,10 @@ What it answers (``GET`` and ``HEAD`` only; every other method returns
 * ``Cache-Control`` mirrors Flask's static view: from
   ``app.get_send_file_max_age(filename)`` (``SEND_FILE_MAX_AGE_DEFAULT``):
   ``None`` -> ``no-cache``, ``0`` -> ``no-cache, max-age=0``, ``N`` ->
-  ``public, max-age=N``. Fingerprinted names (``immutable_pattern``, by default
-  a dotted or dashed segment of 8+ lowercase hex digits with at least one
-  letter, as in ``app.3f2a9c1b.css``; an all-digit segment may be a date, so
-  it does not count) get ``public, max-age=31536000, immutable``.
+  ``public, max-age=N``. Fingerprinted names get ``public, max-age=31536000,
+  immutable`` -- only when certain: the hex hash in the name matches the
+  file's content, or the owner declared the name (``immutable_pattern``,
+  ``immutable_manifest``); see :mod:`identity_middleware.fingerprints`.
 * ``304`` for ``If-None-Match`` (lists, ``*``, weak comparison, ``W/`` tags)
   or, only when ``If-None-Match`` is absent, ``If-Modified-Since``. Per RFC
   9110 section 15.4.5 the 304 carries ``ETag``, ``Cache-Control`` and
@@ -66,11 +68,25 @@ with the server's ``wsgi.file_wrapper`` (``sendfile`` in gunicorn) when
 offered, else in blocks; the file is closed by the iterable's ``close()``,
 which WSGI servers call also when the client goes away.
 
-The index is a snapshot. A file added after startup is not in it (Flask
-serves it); a large file that changed since startup is noticed by ``fstat``
-and handed to Flask; a small one is served as it was at startup, consistent
-with its ETag. For development, ``autorefresh=True`` (default: ``app.debug``)
-looks every request up on disk instead, safely: canonical relative path only,
+Every answer reflects the file as it is. The index remembers what each
+file was (inode, size, mtime and ctime -- ctime because ``rsync -t`` and
+``cp -p`` restore the others) and checks it before answering: a streamed
+file (and its ``.br``/``.gz`` siblings) on every request, a file kept in
+memory on the first request after ``recheck_interval`` (1 s) since its last
+check. A changed file is re-read into the index -- new body, ``ETag``,
+size, ``immutable`` verdict -- and the answer (200, ``HEAD``, 304, 412,
+206, 416) is computed from it; a file that is gone, or being re-read by
+another thread, is handed to Flask, which answers 404 exactly as it would
+without serve mode (and serves the file again once it is back). Between
+two checks an in-memory file is answered as read at the last check, body
+and ``ETag`` consistent with each other: a stat per request would cost 1.5
+us, about as much as the whole answer (see ``benchmarks/serve_static.py``),
+so an edit in place can take up to ``recheck_interval`` to be seen; set it
+to ``0`` to check on every request. A file added after startup is not in
+the index: Flask serves it.
+
+For development, ``autorefresh=True`` (default: ``app.debug``) looks every
+request up on disk instead, safely: canonical relative path only,
 no dot segments, containment checked with ``os.path.commonpath`` on real
 paths, the final component opened with ``O_NOFOLLOW``.
 
@@ -99,15 +115,17 @@ otherwise; ``tests/test_static_vs_flask.py`` checks both):
 * ``If-Range`` uses the strong comparison (RFC 9110 section 13.1.5): a ``W/``
   tag, or a date other than ``Last-Modified``, gives the full 200; Flask
   treats a weak tag as a match and accepts any later date.
-* 416 responses have an empty body; Flask sends an HTML error page. A failed
+* ``Cache-Control: public, max-age=31536000, immutable`` on fingerprinted
+  names (verified or declared, above); Flask uses the same max-age for all.
+* Between two checks of an in-memory file (``recheck_interval``), an edit
+  on disk is not yet seen; Flask reads the file on every request.
+* 416 responses have an empty body; Flask sends an HTML error page (the
+  app's error handlers do not run). A failed
   ``If-Match`` gives 412 with an empty body; Flask sends the whole file with
   its 412. Flask ignores ``If-Unmodified-Since``; we answer 412 when the file
   is newer (RFC 9110 section 13.1.4).
 * A sibling ``.br``/``.gz`` may be sent instead of the plain file: the decoded
   body is the same bytes. Flask never negotiates.
-* Blueprint folders take ``Cache-Control`` from
-  ``app.get_send_file_max_age``; only a blueprint subclass that overrides that
-  method would see a difference.
 """
 
 from __future__ import annotations
@@ -300,6 +318,10 @@ class StaticFiles:
     ``max_age``
         Seconds for ``Cache-Control`` when there is no ``app`` (``None`` gives
         ``no-cache``, like Flask's default).
+    ``max_age_for``
+        Per mount prefix, the ``get_send_file_max_age`` Flask's view of that
+        mount calls (a blueprint's own for its folder); the middleware passes
+        it. Mounts not in it use ``app.get_send_file_max_age``.
     ``in_memory_max``
         Files up to this many bytes are kept in memory (default 64 KiB)...
     ``in_memory_total``
@@ -327,6 +349,7 @@ class StaticFiles:
         immutable_pattern: str | re.Pattern[str] | None = None,
         immutable_manifest: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
         max_age: int | None = None,
+        max_age_for: Mapping[str, Callable[[str], int | None]] | None = None,
         in_memory_max: int = 64 * 1024,
         in_memory_total: int = 64 * 1024 * 1024,
         block_size: int = 64 * 1024,
@@ -347,6 +370,7 @@ class StaticFiles:
         self._recheck_interval = float(recheck_interval)
         self._reloading = threading.Lock()
         self._max_age = max_age
+        self._max_age_for = dict(max_age_for or {})
         self._in_memory_max = in_memory_max
         # autorefresh keeps at most 1024 entries instead of counting bytes
         self._memory_left = in_memory_total if not self._autorefresh else float("inf")
@@ -564,7 +588,7 @@ class StaticFiles:
         if loaded is None:
             return None
         file_st, etag, body, verified = loaded
-        cache_control = self._cache_control(rel, declared or verified)
+        cache_control = self._cache_control(prefix, rel, declared or verified)
         vary = bool(siblings)
         file = _File(path, file_st, etag, body, content_type, own_coding, cache_control, vary)
         signature: list[Any] = [_stat_key(st)]
@@ -640,10 +664,16 @@ class StaticFiles:
             return True
         return fingerprints.listed_in(self._manifest, url)
 
-    def _cache_control(self, rel: str, immutable: bool) -> str:
+    def _cache_control(self, prefix: str, rel: str, immutable: bool) -> str:
         if immutable:
             return _IMMUTABLE_CACHE_CONTROL
-        max_age = self._app.get_send_file_max_age(rel) if self._app is not None else self._max_age
+        of_mount = self._max_age_for.get(prefix)
+        if of_mount is not None:
+            max_age = of_mount(rel)
+        elif self._app is not None:
+            max_age = self._app.get_send_file_max_age(rel)
+        else:
+            max_age = self._max_age
         if max_age is None:
             return "no-cache"
         if max_age > 0:

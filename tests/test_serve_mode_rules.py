@@ -374,3 +374,23 @@ def test_flask_security_static_is_served_but_its_blueprint_folder_is_not(tmp_pat
     )
     served = app.test_client().get("/fs-static/js/webauthn.js")
     assert served.headers["Cache-Control"] == bare.headers["Cache-Control"]  # private, no-store
+
+
+def test_a_blueprint_folder_gets_the_cache_control_its_own_view_would_send(tmp_path: Any) -> None:
+    class LongLivedAssets(Blueprint):
+        def get_send_file_max_age(self, filename: str | None) -> int | None:
+            return 86400
+
+    def build() -> Flask:
+        app = _plain(tmp_path)
+        app.register_blueprint(
+            LongLivedAssets("assets", "assets", static_folder=_folders(tmp_path)[1], static_url_path="/static", url_prefix="/a")
+        )
+        return app
+
+    bare, served = build(), build()
+    served.wsgi_app = IdentityMiddleware(served.wsgi_app, serve_static=True)  # type: ignore[method-assign]
+    expected = bare.test_client().get("/a/static/w.css").headers["Cache-Control"]
+    assert expected == "public, max-age=86400"
+    assert served.test_client().get("/a/static/w.css").headers["Cache-Control"] == expected
+    assert {v.prefix: v.served for v in served.wsgi_app.serve_verdicts()}["/a/static/"]
