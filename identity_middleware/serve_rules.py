@@ -355,7 +355,7 @@ class _Judge:
         keys: list[str | None] = [None, *(_blueprint_chain(endpoint) if endpoint else [])]
         for key in keys:
             for kind, functions in self._hooks(key):
-                found += [f"{kind} {_name(f)}" for f in functions if self.safe(f)]
+                found += [f"{kind} {_name(f)}" for f in functions if self.safe(f) and not _ours(f)]
             for function in app.teardown_request_funcs.get(key, ()):
                 found.append(f"teardown_request {_name(function)}")
         found += [f"teardown_appcontext {_name(f)}" for f in app.teardown_appcontext_funcs]
@@ -416,6 +416,12 @@ def _known_harmless(function: Any) -> bool:
     except ImportError:  # pragma: no cover - a hard dependency
         return False
     return func is getattr(LoginManager, "_update_remember_cookie", None)
+
+
+def _ours(function: Any) -> bool:
+    """This package's own hooks: not app code, so not worth reporting as skipped."""
+    module = getattr(function, "__module__", None) or getattr(getattr(function, "__func__", None), "__module__", "")
+    return isinstance(module, str) and module.startswith(__package__ + ".")
 
 
 def _wsgi_chain_problem(wsgi_app: Any, app: Flask) -> str | None:

@@ -20,6 +20,8 @@ import pytest
 from flask import Blueprint, Flask, Response, request, request_started
 from flask_login import LoginManager, UserMixin, login_required
 from flask_principal import Principal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from identity_middleware import ConfigError, IdentityMiddleware, static_safe
@@ -394,3 +396,63 @@ def test_a_blueprint_folder_gets_the_cache_control_its_own_view_would_send(tmp_p
     assert expected == "public, max-age=86400"
     assert served.test_client().get("/a/static/w.css").headers["Cache-Control"] == expected
     assert {v.prefix: v.served for v in served.wsgi_app.serve_verdicts()}["/a/static/"]
+
+
+# -- generated apps: serve mode never gives an answer the bare app would not ------------------
+
+_HOOK_KINDS = ("before_request", "after_request", "url_value_preprocessor")
+_hook = st.tuples(st.sampled_from(_HOOK_KINDS), st.sampled_from(["app", "bp"]), st.booleans(), st.booleans())
+
+
+def _generated(folders: tuple[str, str], hooks: list[tuple[str, str, bool, bool]], wrap_view: bool) -> tuple[Flask, list[Any]]:
+    """An app with the drawn hooks; each one either acts (refuses, or adds a header) or is a no-op,
+    and only no-ops may be declared safe -- declaring an acting hook would be the owner's lie."""
+    from flask import abort
+
+    app = Flask("generated", static_folder=folders[0], static_url_path="/static")
+    _login(app)
+    bp = Blueprint("bp", "bp", static_folder=folders[1], static_url_path="/static", url_prefix="/bp")
+    declared: list[Any] = []
+    for index, (kind, scope, acts, declare) in enumerate(hooks):
+        def hook(*args: Any, _kind: str = kind, _acts: bool = acts, _index: int = index) -> Any:
+            if _kind == "after_request":
+                response = args[0]
+                if _acts:
+                    response.headers.add("X-Hook", str(_index))
+                return response
+            if _acts:
+                abort(401 if _kind == "before_request" else 403)
+            return None
+
+        getattr(app if scope == "app" else bp, kind)(hook)
+        if declare and not acts:
+            declared.append(hook)
+    app.register_blueprint(bp)
+    if wrap_view:
+        app.view_functions["static"] = login_required(app.view_functions["static"])
+    return app, declared
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    hooks=st.lists(_hook, max_size=4),
+    wrap_view=st.booleans(),
+    path=st.sampled_from(["/static/app.css", "/bp/static/w.css", "/static/missing.css"]),
+    method=st.sampled_from(["GET", "HEAD"]),
+)
+def test_property_generated_apps_answer_anonymous_clients_as_the_bare_app_does(
+    tmp_path: Any, hooks: list[tuple[str, str, bool, bool]], wrap_view: bool, path: str, method: str
+) -> None:
+    folders = _folders(tmp_path)
+    bare, _ = _generated(folders, hooks, wrap_view)
+    served, declared = _generated(folders, hooks, wrap_view)
+    served.wsgi_app = IdentityMiddleware(  # type: ignore[method-assign]
+        served.wsgi_app, serve_static=True, static_safe_hooks=declared
+    )
+    expected = bare.test_client().open(path, method=method)
+    got = served.test_client().open(path, method=method)
+    assert (got.status_code, got.data, got.headers.getlist("X-Hook")) == (
+        expected.status_code,
+        expected.data,
+        expected.headers.getlist("X-Hook"),
+    )
