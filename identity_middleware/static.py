@@ -612,7 +612,7 @@ class StaticFiles:
             if not file.variants:
                 file.variants = None
         file.signature = tuple(signature)
-        if file.body is not None:
+        if _in_memory(file):
             file.fresh_until = _monotonic() + self._recheck_interval
         return file
 
@@ -693,7 +693,7 @@ class StaticFiles:
         ``recheck_interval``: a stat of the file and of each sibling.
         """
         if _unchanged(file):
-            if file.body is not None:
+            if _in_memory(file):
                 file.fresh_until = _monotonic() + self._recheck_interval
             return file
         return self._reload(path, file)
@@ -899,6 +899,13 @@ def _unchanged(file: _File) -> bool:
     except OSError:
         return False
     return True
+
+
+def _in_memory(file: _File) -> bool:
+    """Every representation is answered from memory: then a periodic check is enough."""
+    if file.body is None:
+        return False
+    return file.variants is None or all(v.body is not None for v in file.variants.values())
 
 
 def _memory_of(file: _File) -> int:
