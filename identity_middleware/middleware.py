@@ -129,7 +129,7 @@ class IdentityMiddleware:
         self.listed: tuple[str, ...] = tuple(dict.fromkeys((*listed_paths.value, *self.static_dirs)))
         self._files: Callable[[WSGIEnvironment, StartResponse], Any] | None = None
         self._serve_plan: ServePlan | None = None
-        self._safe_hooks = resolve_safe_hooks(static_safe_hooks, self.app)
+        self._safe_hooks: tuple[Any, ...] = resolve_safe_hooks(static_safe_hooks, self.app)[0]
         self._static_options: dict[str, Any] = _checked_static_options(static_options)
         self._debug_headers: bool = self.settings["IDENTITY_DEBUG_HEADERS"].value
         self._lock = threading.Lock()
@@ -203,8 +203,9 @@ class IdentityMiddleware:
         self._serve_plan = plan
         # Mounts that are not served still own their subtree: ``routed`` refuses their
         # URLs, so an outer folder never answers for them.
-        options = {"app": self.app, "routed": plan.routed, "max_age_for": plan.max_age_for, **self._static_options}
-        return StaticFiles(plan.mounts, **options)  # type: ignore[no-any-return]
+        return StaticFiles(  # type: ignore[no-any-return]
+            plan.mounts, app=self.app, routed=plan.routed, max_age_for=plan.max_age_for, **self._static_options
+        )
 
     def _plan(self, classifier: Classifier) -> ServePlan:
         from . import serve_rules
@@ -214,7 +215,7 @@ class IdentityMiddleware:
             for prefix, endpoint in classifier.mounts.items():
                 folders[prefix] = _static_folder(self.app, endpoint)
         return serve_rules.plan(
-            self.app, classifier.mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks[0]
+            self.app, classifier.mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks
         )
 
     def serve_verdicts(self) -> tuple[MountVerdict, ...]:
@@ -299,11 +300,12 @@ def _checked_static_options(options: Mapping[str, Any] | None) -> dict[str, Any]
         return {}
     if not isinstance(options, Mapping):
         raise ConfigError("static_options", options, "a mapping of StaticFiles keyword arguments")
-    from .static import OPTIONS
+    from .static import OPTIONS, StaticFiles
 
     for name in options:
         if name not in OPTIONS:
             raise ConfigError("static_options", name, "one of " + ", ".join(sorted(OPTIONS)))
+    StaticFiles({}, **options)  # the values are checked now, at construction, not at the first request
     return dict(options)
 
 

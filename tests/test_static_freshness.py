@@ -222,3 +222,9 @@ def test_static_options_are_checked_by_name(tmp_path: Any) -> None:
     app = Flask("x", static_folder=str(tmp_path))
     with pytest.raises(ConfigError, match="static_options"):
         IdentityMiddleware(app.wsgi_app, serve_static=True, static_options={"recheck": 1})
+
+
+def test_static_option_values_are_checked_when_the_middleware_is_built(tmp_path: Any) -> None:
+    app = Flask("x", static_folder=str(tmp_path))
+    with pytest.raises(ConfigError, match="immutable_manifest"):
+        IdentityMiddleware(app.wsgi_app, static_options={"immutable_manifest": str(tmp_path / "none.json")})
