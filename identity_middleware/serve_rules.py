@@ -33,7 +33,9 @@ function carrying ``_identity_middleware_static_safe = True`` (the
 a GET of a static file: Flask-Principal's ``Principal._on_before_request``
 (loads an identity nobody reads on a static answer), Flask-Login's
 ``LoginManager._update_remember_cookie`` (refreshes a remember cookie only in
-the request that logged in or out), and this package's own hooks.
+the request that logged in or out), Flask-WTF's ``CSRFProtect`` check while
+``WTF_CSRF_METHODS`` leaves out ``GET`` and ``HEAD`` (it returns at once for
+them), and this package's own hooks.
 Flask-Security-Too's ``_add_cache_control`` is *not* harmless: it sets
 ``Cache-Control: private, no-store`` on every answer of its blueprint,
 ``/fs-static`` files included, so that mount stays with Flask unless declared.
@@ -310,7 +312,7 @@ class _Judge:
             return True
         if getattr(function, SAFE_ATTRIBUTE, False) is True:
             return True
-        return _known_harmless(function)
+        return _known_harmless(function) or _harmless_csrf_check(function, self.app)
 
     # -- what runs -----------------------------------------------------------------------
 
@@ -416,6 +418,30 @@ def _known_harmless(function: Any) -> bool:
     except ImportError:  # pragma: no cover - a hard dependency
         return False
     return func is getattr(LoginManager, "_update_remember_cookie", None)
+
+
+def _harmless_csrf_check(function: Any, app: Flask) -> bool:
+    """Flask-WTF's ``CSRFProtect`` check, as long as it does not check ``GET``/``HEAD``.
+
+    The ``before_request`` function ``CSRFProtect.init_app`` registers returns at
+    once for a method not in ``WTF_CSRF_METHODS`` (by default POST, PUT, PATCH,
+    DELETE), provided ``protect`` is Flask-WTF's own.
+    """
+    code = getattr(function, "__code__", None)
+    if code is None or getattr(function, "__name__", None) != "csrf_protect":
+        return False
+    try:
+        from flask_wtf.csrf import CSRFProtect  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    if code not in CSRFProtect.init_app.__code__.co_consts:
+        return False
+    for cell in function.__closure__ or ():
+        owner = cell.cell_contents
+        if isinstance(owner, CSRFProtect) and type(owner).protect is not CSRFProtect.protect:
+            return False
+    methods = app.config.get("WTF_CSRF_METHODS") or ()
+    return "GET" not in methods and "HEAD" not in methods
 
 
 def _ours(function: Any) -> bool:

@@ -456,3 +456,18 @@ def test_property_generated_apps_answer_anonymous_clients_as_the_bare_app_does(
         expected.data,
         expected.headers.getlist("X-Hook"),
     )
+
+
+def test_flask_wtf_csrf_protection_is_harmless_unless_it_checks_get(tmp_path: Any) -> None:
+    from flask_wtf.csrf import CSRFProtect
+
+    app = _plain(tmp_path)
+    app.config["SECRET_KEY"] = "test"
+    CSRFProtect(app)
+    assert _verdict(app).served
+    checks_get = _plain(tmp_path)
+    checks_get.config.update(SECRET_KEY="test", WTF_CSRF_METHODS=["GET", "POST"])
+    CSRFProtect(checks_get)
+    verdict = _verdict(checks_get)
+    assert not verdict.served and "csrf_protect" in verdict.reason
+    assert checks_get.test_client().get("/static/app.css").status_code == 400  # as without the middleware
