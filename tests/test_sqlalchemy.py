@@ -647,7 +647,8 @@ def parts(tmp_path):
         ({"relationships": ("roles.nope",)}, "relationships"),
         ({"relationships": ("tokens",)}, "relationships"),
         ({"related": (object,)}, "related"),
-        ({"user_id": "id"}, "user_id"),
+        ({"user_id": "no_such_column"}, "user_id"),
+        ({"user_id": 42}, "user_id"),
     ],
 )
 def test_bad_options_raise_config_error_naming_them(parts, kwargs, name):
