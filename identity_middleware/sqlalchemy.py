@@ -601,7 +601,11 @@ class SQLAlchemyBinding:
         self.user_cache.adapter = self
 
     def remove(self) -> None:
-        """Detach the listeners, unset the adapter and clear the cache. Idempotent."""
+        """Detach the listeners, unset the adapter and clear the cache. Idempotent.
+
+        With ``user_id=<column name>`` the column keeps the active history SQLAlchemy
+        gave it (a set loads the value it replaces); SQLAlchemy cannot turn that off.
+        """
         if self._removed:
             return
         self._removed = True
