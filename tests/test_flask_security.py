@@ -38,6 +38,10 @@ def _models():
     class User(db.Model, fsqla.FsUserMixin):
         pass
 
+    class WebAuthn(db.Model, fsqla.FsWebAuthnMixin):  # FsUserMixin links to it when webauthn is installed
+        pass
+
+    User.webauthn_model = WebAuthn  # held: SQLAlchemy's class registry keeps only weak references
     return db, User, Role
 
 
