@@ -9,7 +9,11 @@ for us, and wrapping ``app.wsgi_app`` must be all it takes.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import json
+import os
 
 import pytest
 from conftest import count_sql
@@ -173,7 +177,7 @@ def make_flows_app(tmp_path, *, cached: bool):
     )
     app.wsgi_app = IdentityMiddleware(app.wsgi_app)
     db.init_app(app)
-    datastore = SQLAlchemyUserDatastore(db, User, Role)
+    datastore = SQLAlchemyUserDatastore(db, User, Role, webauthn_model=User.webauthn_model)
     Security(app, datastore, mail_util_cls=RecordingMail)
     binding = None
     if cached:  # the README's Flask-Security-Too lines
@@ -294,20 +298,106 @@ def test_two_factor_setup_then_a_two_factor_sign_in(flows):
     assert phone.get("/private").json["email"] == "alice@example.com"
 
 
-def test_webauthn_registration_starts_for_the_cached_user_and_lists_keys(flows):
-    # The register step sets the user's webauthn handle on current_user and commits;
-    # the listing reads current_user.webauthn (a lazy relationship) in later requests.
+class SoftwareKey:
+    """A WebAuthn authenticator in software: a P-256 key, "none" attestation.
+
+    What a browser and a security key send, built by hand, so that Flask-Security-Too's
+    real verification (py_webauthn) runs end to end.
+    """
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.credential_id = os.urandom(16)
+        self.sign_count = 0
+
+    @staticmethod
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def _client_data(self, kind: str, options: dict) -> bytes:
+        return json.dumps({"type": kind, "challenge": options["challenge"], "origin": "http://localhost"}).encode()
+
+    def register(self, options: dict) -> str:
+        import cbor2
+
+        numbers = self.key.public_key().public_numbers()
+        cose = cbor2.dumps({1: 2, 3: -7, -1: 1, -2: numbers.x.to_bytes(32, "big"), -3: numbers.y.to_bytes(32, "big")})
+        auth_data = (
+            hashlib.sha256(options["rp"]["id"].encode()).digest()
+            + bytes([0x01 | 0x04 | 0x40])  # user present, user verified, credential data follows
+            + self.sign_count.to_bytes(4, "big")
+            + bytes(16)  # AAGUID
+            + len(self.credential_id).to_bytes(2, "big")
+            + self.credential_id
+            + cose
+        )
+        attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
+        return json.dumps(
+            {
+                "id": self.b64(self.credential_id),
+                "rawId": self.b64(self.credential_id),
+                "type": "public-key",
+                "response": {
+                    "clientDataJSON": self.b64(self._client_data("webauthn.create", options)),
+                    "attestationObject": self.b64(attestation),
+                    "transports": ["usb"],
+                },
+                "clientExtensionResults": {},
+            }
+        )
+
+    def sign(self, options: dict, user_handle: str) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.sign_count += 1
+        client_data = self._client_data("webauthn.get", options)
+        auth_data = (
+            hashlib.sha256(options["rpId"].encode()).digest() + bytes([0x01 | 0x04]) + self.sign_count.to_bytes(4, "big")
+        )
+        signature = self.key.sign(auth_data + hashlib.sha256(client_data).digest(), ec.ECDSA(hashes.SHA256()))
+        return json.dumps(
+            {
+                "id": self.b64(self.credential_id),
+                "rawId": self.b64(self.credential_id),
+                "type": "public-key",
+                "response": {
+                    "clientDataJSON": self.b64(client_data),
+                    "authenticatorData": self.b64(auth_data),
+                    "signature": self.b64(signature),
+                    "userHandle": user_handle,
+                },
+                "clientExtensionResults": {},
+            }
+        )
+
+
+def test_webauthn_register_a_key_then_sign_in_with_it(flows):
+    # Registering sets current_user's webauthn handle and adds a credential to its
+    # (lazy) webauthn relationship, committed; signing in with the key is a new session.
     app, _ = flows
     laptop = sign_in(app)
-    response = laptop.post("/wan-register", json={"name": "my key"})
+    key = SoftwareKey()
+    response = laptop.post("/wan-register", json={"name": "my key", "usage": "first"})
     assert response.status_code == 200, response.json
-    options = response.json["response"]["credential_options"]
-    assert options["user"]["name"] == "alice@example.com"
-    again = laptop.post("/wan-register", json={"name": "my key"})
-    assert again.status_code == 200
-    assert again.json["response"]["credential_options"]["user"]["id"] == options["user"]["id"]  # the handle was saved
+    options, state = response.json["response"]["credential_options"], response.json["response"]["wan_state"]
+    user_handle = options["user"]["id"]
+    response = laptop.post(f"/wan-register/{state}", json={"credential": key.register(options)})
+    assert response.status_code == 200, response.json
     listing = laptop.get("/wan-register", json={})
-    assert listing.status_code == 200 and listing.json["response"]["registered_credentials"] == []
+    assert [c["name"] for c in listing.json["response"]["registered_credentials"]] == ["my key"]
+    assert laptop.get("/private").status_code == 200
+
+    phone = app.test_client()
+    response = phone.post("/wan-signin", json={"identity": "alice@example.com"})
+    assert response.status_code == 200, response.json
+    options, state = response.json["response"]["credential_options"], response.json["response"]["wan_state"]
+    response = phone.post(f"/wan-signin/{state}", json={"credential": key.sign(options, user_handle)})
+    assert response.status_code == 200, response.json
+    assert phone.get("/private").json["email"] == "alice@example.com"
+    assert phone.get("/private").status_code == 200
 
 
 def test_deactivation_ends_access_at_once(flows):
