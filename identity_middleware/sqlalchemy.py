@@ -232,7 +232,7 @@ class SQLAlchemyBinding:
             ("after_commit", self._after_commit),
             ("after_transaction_end", self._after_transaction_end),
         )
-        self._txn_key = object()  # session.info key of the current transaction's _Txn
+        self._txn_key = object()  # session.info key: (root SessionTransaction, its number)
         self._tree_names = frozenset(_names_in(tree))
         snapshotted = dict.fromkeys((user_model, *_targets_of(mapper, tree)))
         self._instance_listeners = tuple(

@@ -711,6 +711,28 @@ def test_the_root_package_does_not_import_sqlalchemy():
     assert out.strip() == "False"
 
 
+def test_caching_plain_objects_never_imports_sqlalchemy():
+    # The mapped-instance check looks SQLAlchemy up only when the app already imported it.
+    code = (
+        "import sys, identity_middleware\n"
+        "cache = identity_middleware.UserCache()\n"
+        "assert cache.get('1', lambda i: {'id': i}) == {'id': '1'}\n"
+        "print('sqlalchemy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_mapped_user_without_an_adapter_is_refused_and_not_cached(tmp_path):
+    w = World(tmp_path / "db.sqlite")
+    w.binding.remove()
+    cache = UserCache()
+    with pytest.raises(TypeError, match=r"bind_sqlalchemy\(user_cache, db\.session, User, relationships="):
+        cache.get(1, w.loader)
+    assert len(cache) == 0 and cache.stats().load_errors == 1
+    w.db.remove()
+
+
 def test_a_user_id_callable_names_the_cache_key(tmp_path):
     w = World(tmp_path / "db.sqlite")
     w.binding.remove()
