@@ -9,6 +9,14 @@ PostgreSQL (a database created for the run and dropped after):
 * **cache hit via bind_sqlalchemy**: ``UserCache.get`` with the adapter, the
   user rebuilt in the request's session, roles read (target <= 0.10x the fresh
   load on PostgreSQL);
+* **cache miss via bind_sqlalchemy**: the cache cleared, then the same get: the
+  loader, the snapshot, the store -- with the store rule (``after_begin`` and
+  ``load``/``refresh`` listeners noting which transaction read each row, the
+  ``begin_load``/``storable`` check) and, on a second set of tables and classes so
+  that no listener of the first binding fires, with that rule taken out; the two
+  differ by less than a database round trip varies on a shared machine, so
+* **the store rule's own work per miss** is also timed directly: a transaction
+  start, three row loads and the two checks, as the listeners run them;
 * the reattachment strategies that were compared before choosing, without the
   cache around them: ``merge(cached, load=False)``; a snapshot rebuilt with
   ``make_transient_to_detached`` + ``Session.add`` (what the adapter does); the
@@ -79,10 +87,50 @@ class User(_Base):
     roles: Mapped[list[Role]] = relationship(secondary=_user_roles, order_by=Role.id)
 
 
+class _RuleOffBase(DeclarativeBase):
+    """The same tables again, for the miss without the store rule: instance listeners
+    are per class, so the rule-on binding's would fire for ``User``/``Role`` rows."""
+
+
+_rule_off_user_roles = sa.Table(
+    "bench_off_user_roles",
+    _RuleOffBase.metadata,
+    sa.Column("user_id", sa.ForeignKey("bench_off_users.id"), primary_key=True),
+    sa.Column("role_id", sa.ForeignKey("bench_off_roles.id"), primary_key=True),
+)
+
+
+class RuleOffRole(_RuleOffBase):
+    __tablename__ = "bench_off_roles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(80))
+
+
+class RuleOffUser(_RuleOffBase):
+    __tablename__ = "bench_off_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(sa.String(255))
+    active: Mapped[bool] = mapped_column(default=True)
+    roles: Mapped[list[RuleOffRole]] = relationship(secondary=_rule_off_user_roles, order_by=RuleOffRole.id)
+
+
+class _WithoutStoreRule:
+    """The binding's adapter without ``begin_load``/``storable``: every load stored."""
+
+    def __init__(self, binding: Any) -> None:
+        self.to_cache, self.from_cache = binding.to_cache, binding.from_cache
+
+
 def _seed(engine: sa.Engine) -> None:
     _Base.metadata.create_all(engine)
+    _RuleOffBase.metadata.create_all(engine)
     with Session(engine) as s:
         s.add(User(id=1, email="alice@example.com", roles=[Role(id=1, name="admin"), Role(id=2, name="editor")]))
+        s.add(
+            RuleOffUser(
+                id=1, email="alice@example.com", roles=[RuleOffRole(id=1, name="admin"), RuleOffRole(id=2, name="editor")]
+            )
+        )
         s.commit()
 
 
@@ -98,6 +146,18 @@ def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], C
 
     cache.get("1", loader)
     db.remove()
+
+    # The miss without the store rule: its own classes, its listeners taken out again.
+    off_db = scoped_session(sessionmaker(engine))
+    off_cache = UserCache(ttl=3600)
+    off_binding = bind_sqlalchemy(off_cache, off_db, RuleOffUser, relationships=("roles",))
+    sa.event.remove(off_db, "after_begin", off_binding._after_begin)
+    for cls, event_name, fn in off_binding._instance_listeners:
+        sa.event.remove(cls, event_name, fn)
+    off_cache.adapter = _WithoutStoreRule(off_binding)  # type: ignore[assignment]
+
+    def off_loader(user_id: str) -> RuleOffUser | None:
+        return off_db.get(RuleOffUser, int(user_id))
 
     with factory(expire_on_commit=False) as s:
         template = s.get(User, 1)
@@ -122,6 +182,44 @@ def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], C
         names = [r.name for r in user.roles]
         db.remove()
         return names
+
+    def miss() -> Any:
+        cache.clear()
+        user = cache.get("1", loader)
+        names = [r.name for r in user.roles]
+        db.remove()
+        return names
+
+    def miss_rule_off() -> Any:
+        off_cache.clear()
+        user = off_cache.get("1", off_loader)
+        names = [r.name for r in user.roles]
+        off_db.remove()
+        return names
+
+    # The rule's own work for one miss, called directly: a transaction starts, three
+    # rows load, the cache asks before and after (a miss's end-to-end difference is
+    # within the noise of a database round trip on a shared machine).
+    rule_session = factory()
+    rule_user = rule_session.get(User, 1)
+    rule_rows = [rule_user, *rule_user.roles]
+    rule_transaction = rule_session.get_transaction()
+    rule_key = binding._txn_key
+
+    class _Context:
+        session = rule_session
+
+    def rule_only() -> Any:
+        token = binding.begin_load()
+        rule_session.info.pop(rule_key, None)
+        binding._after_begin(rule_session, rule_transaction, None)  # type: ignore[arg-type]
+        for row in rule_rows:
+            binding._on_load(row, _Context)
+        if not binding.storable(rule_user, None, token):
+            raise AssertionError("the rule refused rows read after its token")
+        return expected_names
+
+    expected_names = ["admin", "editor"]
 
     def merge() -> Any:
         with factory() as s:
@@ -169,10 +267,17 @@ def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], C
     def cleanup() -> None:
         binding.remove()
         db.remove()
+        off_cache.adapter = off_binding
+        off_binding.remove()
+        off_db.remove()
+        rule_session.close()
 
     variants = [
         ("fresh load: session.get + roles", fresh),
         ("cache hit via bind_sqlalchemy", hit),
+        (MISS, miss),
+        (MISS_RULE_OFF, miss_rule_off),
+        (RULE_ONLY, rule_only),
         ("alt: merge(cached, load=False)", merge),
         ("alt: snapshot + make_transient_to_detached + add", snapshot_add),
         ("alt: snapshot + private identity-map registration", snapshot_private),
@@ -207,6 +312,11 @@ def _measure(variants: list[tuple[str, Callable[[], Any]]], quick: bool) -> dict
                 fn()
             best[name] = min(best[name], (time.perf_counter() - started) / n * 1e6)
     return best
+
+
+MISS = "cache miss via bind_sqlalchemy (store rule on)"
+MISS_RULE_OFF = "cache miss, store rule taken out (decomposition only)"
+RULE_ONLY = "store rule's own work per miss (user + 2 roles)"
 
 
 def _rows(case: str, engine: sa.Engine, quick: bool) -> list[dict[str, Any]]:

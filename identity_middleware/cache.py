@@ -15,6 +15,18 @@ How a stale load cannot win: the stamp is read *before* the loader starts and
 stored with the result. An invalidation that lands while the load runs bumps the
 stamp, so the stored entry is stale the moment it is stored.
 
+The store rule: **a load is stored only under a stamp that is certainly not newer
+than the data it read.** Reading the stamp first is enough for a loader that reads
+the database as it is *now* (its own connection, a fresh transaction). A loader that
+reads through the request's session may see older data -- a REPEATABLE READ snapshot
+taken at the request's first query, or a row the session already holds, which comes
+back without SQL -- so an adapter can veto the store: :class:`CacheAdapter`'s optional
+``begin_load``/``storable`` pair (the SQLAlchemy binding uses it). A vetoed load is
+handed to the caller that ran it and to nobody else (callers waiting for it load
+again) and logged at DEBUG. A loader that returns a SQLAlchemy-mapped instance with no
+adapter set is refused with an error that names ``bind_sqlalchemy``: such an object
+cannot be shared between requests, and the cache cannot tell how old its rows are.
+
 Threads: the hit path takes no lock. It does a handful of single C-level
 operations on an ``OrderedDict`` (``get``, ``move_to_end``), each atomic under the
 GIL, and the writers (under ``self._lock``) also change that dict only with
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -55,6 +68,8 @@ if TYPE_CHECKING:
     from flask_login import LoginManager
 
 __all__ = ["UserCache", "CacheStats", "CacheAdapter"]
+
+log = logging.getLogger(__name__)
 
 
 class _ContextLookup(Protocol):
@@ -140,6 +155,18 @@ class CacheAdapter(Protocol):
     caller that ran the load and every caller that waited for it -- so each
     request can get its own object (the SQLAlchemy helper uses this to store a
     detached copy and hand out per-session instances).
+
+    Two optional methods let an adapter enforce the store rule (module docstring)
+    for loaders that read through a session whose view may be older than "now":
+
+    * ``begin_load() -> token`` runs in the loading thread after the stamp for the
+      load was read and before the loader starts;
+    * ``storable(value, stored, token) -> bool`` runs in the loading thread after
+      ``to_cache``: ``False`` means ``value`` may hold data older than the stamp, so
+      it is handed to the caller that ran the load but neither stored nor shared
+      with callers waiting for it (they load again).
+
+    An adapter without them is trusted to have read current data.
     """
 
     def to_cache(self, value: Any) -> Any: ...
@@ -157,8 +184,35 @@ class _Flight:
         self.epoch = epoch
         self.owner = threading.get_ident()
         self.done = threading.Event()
-        self.failed = False
+        self.failed = False  # raised, or vetoed by the adapter: waiters load again
         self.stored: Any = None
+
+
+def _mapped_class_name(value: Any) -> str | None:
+    """The class name when ``value`` is a SQLAlchemy-mapped instance, else ``None``.
+
+    Never imports SQLAlchemy: when the app has not imported it, nothing it returns
+    can be mapped.
+    """
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import InstanceState
+
+    if isinstance(inspect(value, raiseerr=False), InstanceState):
+        return type(value).__name__
+    return None
+
+
+def _refuse_mapped(name: str) -> TypeError:
+    return TypeError(
+        f"the user loader returned a SQLAlchemy-mapped {name}, and UserCache has no adapter: a cached ORM "
+        "instance would be shared by later requests, goes detached after a commit (DetachedInstanceError) "
+        "and silently drops changes made through current_user. Bind the cache to your session once, right "
+        "after creating it:\n"
+        "    from identity_middleware.sqlalchemy import bind_sqlalchemy\n"
+        f"    bind_sqlalchemy(user_cache, db.session, {name}, relationships=(\"roles\",))"
+    )
 
 
 def _count_reader(counter: itertools.count) -> Callable[[], int]:
@@ -499,17 +553,40 @@ class UserCache:
             flight.done.wait()
             if not flight.failed:
                 return self._hand_out(flight.stored, on_hit), "miss"
-            # The load failed and its caller got the exception. Loop: the first waiter
-            # back under the lock starts the next load, the others wait for that one.
+            # The load failed and its caller got the exception, or the adapter found it
+            # older than its stamp. Loop: the first waiter back under the lock starts
+            # the next load, the others wait for that one.
 
     def _run(
         self, key: str, user_id: Any, loader: Callable[[Any], Any], flight: _Flight, started: float
     ) -> Any:
-        """Run the loader for a flight we lead, store the result, release the waiters."""
+        """Run the loader for a flight we lead, store the result, release the waiters.
+
+        The flight's stamp was read before we got here; ``begin_load`` runs after that
+        read, so an adapter can tell whether what the loader read is at least as new.
+        """
         adapter = self.adapter
+        storable = token = None
         try:
+            if adapter is not None:
+                storable = getattr(adapter, "storable", None)
+                begin_load = getattr(adapter, "begin_load", None)
+                token = begin_load() if begin_load is not None else None
             value = loader(user_id)
-            stored = value if value is None or adapter is None else adapter.to_cache(value)
+            if value is None:
+                stored = None
+            elif adapter is None:
+                mapped = _mapped_class_name(value)
+                if mapped is not None:
+                    raise _refuse_mapped(mapped)
+                stored = value
+            else:
+                stored = adapter.to_cache(value)
+                if storable is not None and not storable(value, stored, token):
+                    # Possibly older than the stamp: this caller's own view, nobody else's.
+                    flight.failed = True
+                    # The key is not logged: with Flask-Security-Too it is fs_uniquifier, a token.
+                    log.debug("identity cache: a load read data older than its stamp; handed out, not stored")
         except BaseException:
             flight.failed = True
             with self._lock:
@@ -527,7 +604,7 @@ class UserCache:
                     del self._flights[key]
                 # Store only what is still current: a bump or clear() during the load
                 # means a newer load may already have stored a fresher value.
-                if flight.epoch == self._epoch and flight.stamp == self._stamp(key):
+                if not flight.failed and flight.epoch == self._epoch and flight.stamp == self._stamp(key):
                     self._store(key, stored, flight.stamp, started, now)
         finally:
             flight.done.set()  # whatever happened, nobody waits forever

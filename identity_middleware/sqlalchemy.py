@@ -22,7 +22,25 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   touched by a flush -- inserts, updates, deletes, changes to their relationship
   collections -- and the ORM-enabled bulk ``update()``/``delete()``/``insert()``
   statements on watched models, keep them in ``session.info`` and apply them in
-  ``after_commit``. A rollback applies nothing.
+  ``after_commit``. A rollback applies nothing. A change to the id Flask-Login uses
+  (``user_id=``, e.g. a rotated ``fs_uniquifier``) invalidates the old id and the new.
+* **A load is stored only if it is certainly not older than its stamp.** The cache
+  reads the user's version stamp just before the loader runs, but the loader reads
+  through the request's session, whose view can be older: under REPEATABLE READ the
+  snapshot dates from the transaction's first query, and under any isolation level a
+  row the session already holds comes back from the identity map without SQL (and
+  keeps its old values even when a later SELECT returns new ones). So the binding
+  numbers events in one sequence -- the cache's stamp read (``begin_load``), each
+  watched session's transaction start (``after_begin``) -- and notes on every row of
+  the user model and of the snapshotted relationships which transaction's SQL last
+  filled it (``load`` and full ``refresh`` instance events). The load is stored only
+  if the user and every snapshotted row were filled by SQL in a transaction that
+  began after the stamp was read; that transaction's reads (READ COMMITTED or a
+  snapshot) include every commit whose invalidation the stamp reflects. Otherwise
+  the caller that ran the load gets its session's view and nothing is stored (DEBUG
+  log). The common case stores: Flask-Login loads the user at the first touch of
+  ``current_user``, usually the request's first query. A session bound to a
+  ``Connection`` (whose transaction may have begun earlier) never stores.
 
 Why a snapshot and not ``Session.merge(cached, load=False)``: ``merge`` is a
 little cheaper (benchmarks/sqlalchemy_hit.py, user + two roles: ~48 us against
@@ -53,11 +71,14 @@ import copy
 import datetime
 import decimal
 import enum
+import itertools
 import logging
+import operator
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
@@ -96,6 +117,16 @@ _IMMUTABLE = (
 
 # Collection relationships whose contents cannot be loaded once and held.
 _UNLOADABLE = ("dynamic", "write_only", "noload", "raise", "raise_on_sql")
+
+#: One order for "the cache read a stamp" (begin_load) and "a session transaction
+#: began" (after_begin): ``next()`` is one atomic call, so a larger number happened later.
+_SEQUENCE = itertools.count(1)
+
+#: Attribute we set on an InstanceState: the sequence number of the transaction whose
+#: SQL last filled all of the row's columns (and the relationships we snapshot). Rows
+#: never read by SQL in a watched session (built from the cache, pending, merged)
+#: have none and count as infinitely old.
+_READ = "_identity_middleware_read"
 
 
 class _Node:
@@ -156,6 +187,10 @@ class SQLAlchemyBinding:
         "_columns",
         "_add_cascades",
         "_listeners",
+        "_instance_listeners",
+        "_id_attribute",
+        "_tree_names",
+        "_txn_key",
         "_removed",
         "__weakref__",
     )
@@ -170,7 +205,7 @@ class SQLAlchemyBinding:
         relationships: tuple[str, ...],
         related: tuple[type, ...],
         watched_related: tuple[type, ...],
-        user_id: Callable[[Any], Hashable] | None,
+        user_id: str | Callable[[Any], Hashable] | None,
     ) -> None:
         self.user_cache = user_cache
         self.user_model = user_model
@@ -180,7 +215,9 @@ class SQLAlchemyBinding:
         self._current = current
         self._tree = tree
         self._watched = (user_model, *watched_related)
-        self._user_id = user_id
+        # user_id: None (the primary key), an attribute name, or any callable.
+        self._id_attribute = user_id if isinstance(user_id, str) else None
+        self._user_id = operator.attrgetter(user_id) if isinstance(user_id, str) else user_id
         mapper: Mapper[Any] = inspect(user_model)
         self._pk_key = mapper.get_property_by_column(mapper.primary_key[0]).key
         self._columns: dict[Mapper, tuple[str, ...]] = {}
@@ -189,10 +226,17 @@ class SQLAlchemyBinding:
         self._add_cascades = _cascades(mapper, tree, "save-update")
         self._removed = False
         self._listeners = (
+            ("after_begin", self._after_begin),
             ("after_flush", self._after_flush),
             ("do_orm_execute", self._do_orm_execute),
             ("after_commit", self._after_commit),
             ("after_transaction_end", self._after_transaction_end),
+        )
+        self._txn_key = object()  # session.info key: (root SessionTransaction, its number)
+        self._tree_names = frozenset(_names_in(tree))
+        snapshotted = dict.fromkeys((user_model, *_targets_of(mapper, tree)))
+        self._instance_listeners = tuple(
+            (cls, name, fn) for cls in snapshotted for name, fn in (("load", self._on_load), ("refresh", self._on_refresh))
         )
 
     # -- the cache adapter -----------------------------------------------------------
@@ -253,6 +297,63 @@ class SQLAlchemyBinding:
                 if instance_state(obj).detached:
                     session.add(obj)
         return user
+
+    # -- the store rule: only loads not older than their stamp -------------------------
+
+    def begin_load(self) -> int:
+        """Called by the cache after it read the stamp for a load, before the loader runs."""
+        return next(_SEQUENCE)
+
+    def storable(self, value: Any, stored: Any, token: int) -> bool:
+        """Whether the user and every snapshotted row were filled by SQL in a transaction
+        that began after ``token`` (module docstring). Called after :meth:`to_cache`."""
+        return self._read_after(instance_state(value), self._tree, token)
+
+    def _read_after(self, state: InstanceState, tree: Mapping[str, dict], token: int) -> bool:
+        if getattr(state, _READ, 0) <= token:
+            return False
+        dict_ = state.dict
+        for name, subtree in tree.items():
+            loaded = dict_.get(name)  # to_cache loaded every named relationship
+            items: Iterable[Any] = [] if loaded is None else loaded if state.mapper.relationships[name].uselist else [loaded]
+            for item in items:
+                if not self._read_after(instance_state(item), subtree, token):
+                    return False
+        return True
+
+    def _after_begin(self, session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+        root = transaction
+        while root.parent is not None:
+            root = root.parent
+        txn = session.info.get(self._txn_key)
+        if txn is None or txn[0] is not root:
+            # A session bound to a Connection joins a transaction that may have begun
+            # long before: its snapshot's age is unknown, so its reads never count.
+            external = isinstance(session.bind, Connection)
+            session.info[self._txn_key] = (root, 0 if external else next(_SEQUENCE))
+
+    def _transaction_number(self, context: Any) -> int:
+        session = getattr(context, "session", None)
+        txn = None if session is None else session.info.get(self._txn_key)
+        return 0 if txn is None else txn[1]
+
+    def _on_load(self, target: Any, context: Any) -> None:
+        # A new row in the identity map: every attribute came from this query.
+        setattr(instance_state(target), _READ, self._transaction_number(context))
+
+    def _on_refresh(self, target: Any, context: Any, attrs: Iterable[str] | None) -> None:
+        # An existing row reloaded. It counts only if every column was reloaded and no
+        # snapshotted relationship kept a value from before (a partial refresh leaves
+        # the older number, which is the age of its oldest attribute).
+        state = instance_state(target)
+        if attrs is not None:
+            attrs = set(attrs)
+            dict_ = state.dict
+            if not attrs.issuperset(self._columns_of(state.mapper)):
+                return
+            if any(name in dict_ and name not in attrs for name in self._tree_names):
+                return
+        setattr(state, _READ, self._transaction_number(context))
 
     def _snapshot(self, state: InstanceState, tree: Mapping[str, dict], modified: list[bool]) -> _Node:
         obj = state.obj()
@@ -383,12 +484,53 @@ class SQLAlchemyBinding:
             pending.everything = True
 
     def _ids_of(self, state: InstanceState) -> Iterable[Hashable]:
+        """Every id the user had in this flush: the current one and, if it changed, the old."""
         yield self._id(state)
-        if self._user_id is None and state.key is not None and self._pk_key in state.dict:
-            # A changed primary key: the row is now known by its new id as well.
-            current = str(state.dict[self._pk_key])
-            if current != str(state.key[1][0]):
-                yield current
+        if self._user_id is None:
+            if state.key is not None and self._pk_key in state.dict:
+                # A changed primary key: the row is now known by its new id as well.
+                current = str(state.dict[self._pk_key])
+                if current != str(state.key[1][0]):
+                    yield current
+            return
+        if state.key is None:
+            return  # inserted or deleted by this flush: it had no other id
+        yield self._old_id(state)
+
+    def _old_id(self, state: InstanceState) -> Hashable:
+        """The id ``user_id`` gave before this flush's changes (a rotated token, say).
+
+        Computed on a transient copy holding the committed column values; raises when
+        a changed column's old value was never loaded (set while expired), so the
+        caller falls back to invalidating everyone.
+        """
+        attrs = state.attrs
+        if self._id_attribute is not None:
+            history = attrs[self._id_attribute].history
+            if not history.has_changes():
+                return self._id(state)
+            if history.deleted:
+                return history.deleted[0]
+            raise LookupError(f"the old {self._id_attribute} was not loaded")
+        old: dict[str, Any] = {}
+        changed = False
+        for key in self._columns_of(state.mapper):
+            history = attrs[key].history  # PASSIVE_NO_INITIALIZE: never loads anything
+            if history.deleted:
+                old[key], changed = history.deleted[0], True
+            elif history.unchanged:
+                old[key] = history.unchanged[0]
+            elif history.added:
+                raise LookupError(f"{key} was set while its old value was not loaded")
+            else:
+                raise LookupError(f"{key} is not loaded")
+        if not changed:
+            return self._id(state)
+        user_id = self._user_id
+        assert user_id is not None  # the primary-key case returned above
+        copy_ = state.manager.new_instance()
+        instance_dict(copy_).update(old)
+        return user_id(copy_)
 
     def _related_changed(self, obj: Any, state: InstanceState, pending: _Pending) -> None:
         """A role changed: exactly its users when only its user collection moved, else all."""
@@ -434,6 +576,7 @@ class SQLAlchemyBinding:
         # drops them: nothing it wrote is in the database.
         if transaction.parent is None and not transaction.nested:
             session.info.pop(self, None)
+            session.info.pop(self._txn_key, None)
 
     def _apply(self, invalidate: Callable[..., None], *args: Any) -> None:
         # The database has committed: raising now would report a failed commit that
@@ -448,17 +591,34 @@ class SQLAlchemyBinding:
     def _install(self) -> None:
         for name, fn in self._listeners:
             event.listen(self._target, name, fn)
+        for cls, name, instance_fn in self._instance_listeners:
+            event.listen(cls, name, instance_fn, propagate=True)
+        if self._id_attribute is not None:
+            # Make a set of the id attribute load the value it replaces, even when it
+            # was expired: that old id must be invalidated too.
+            event.listen(getattr(self.user_model, self._id_attribute), "set", _keep, active_history=True)
         self.user_cache.clear()  # raw values stored before binding are not snapshots
         self.user_cache.adapter = self
 
     def remove(self) -> None:
-        """Detach the listeners, unset the adapter and clear the cache. Idempotent."""
+        """Detach the listeners, unset the adapter and clear the cache. Idempotent.
+
+        With ``user_id=<column name>`` the column keeps the active history SQLAlchemy
+        gave it (a set loads the value it replaces); SQLAlchemy cannot turn that off.
+        """
         if self._removed:
             return
         self._removed = True
         for name, fn in self._listeners:
             if event.contains(self._target, name, fn):
                 event.remove(self._target, name, fn)
+        for cls, name, instance_fn in self._instance_listeners:
+            if event.contains(cls, name, instance_fn):
+                event.remove(cls, name, instance_fn)
+        if self._id_attribute is not None:
+            attribute = getattr(self.user_model, self._id_attribute)
+            if event.contains(attribute, "set", _keep):
+                event.remove(attribute, "set", _keep)
         if self.user_cache.adapter is self:
             self.user_cache.adapter = None
         self.user_cache.clear()
@@ -475,7 +635,7 @@ def bind_sqlalchemy(
     *,
     relationships: Sequence[str] = (),
     related: Sequence[type] = (),
-    user_id: Callable[[Any], Hashable] | None = None,
+    user_id: str | Callable[[Any], Hashable] | None = None,
     current_session: Callable[[], Session | None] | None = None,
 ) -> SQLAlchemyBinding:
     """Make ``user_cache`` store SQLAlchemy users safely and invalidate them on commit.
@@ -500,8 +660,14 @@ def bind_sqlalchemy(
     ``update()``/``delete()``/``insert()`` on a watched model, invalidates all.
 
     Cache keys are the ids Flask-Login passes to the loader; by default the user's
-    primary key as a string. If your ``get_id()`` returns something else, pass
-    ``user_id=lambda user: ...`` returning that id.
+    primary key as a string. If your ``get_id()`` returns something else, pass the
+    column it returns (``user_id="fs_uniquifier"`` for Flask-Security-Too) or
+    ``user_id=lambda user: ...``. A committed change of that id invalidates the old
+    value and the new one, so a client still holding the old id (a rotated token) is
+    not served from the cache. With a column name the old value is always known
+    (setting it loads the value it replaces); with a callable it is computed from the
+    committed column values, and when one of them was overwritten without ever being
+    loaded the commit invalidates everyone instead.
     """
     target, current = _resolve_session(session, current_session)
     mapper = _mapper_of(user_model, "user_model")
@@ -509,8 +675,11 @@ def bind_sqlalchemy(
         raise ConfigError(
             "user_id", None, f"a callable returning the loader's id: {user_model.__name__} has a composite primary key"
         )
-    if user_id is not None and not callable(user_id):
-        raise ConfigError("user_id", user_id, "a callable taking a user and returning its loader id")
+    if isinstance(user_id, str):
+        if user_id not in {p.key for p in mapper.column_attrs}:
+            raise ConfigError("user_id", user_id, f"a column attribute of {user_model.__name__} or a callable")
+    elif user_id is not None and not callable(user_id):
+        raise ConfigError("user_id", user_id, "a column attribute name or a callable taking a user and returning its loader id")
     relationships = tuple(relationships)
     tree, targets = _relationship_tree(mapper, relationships)
     related = tuple(related)
@@ -595,3 +764,21 @@ def _relationship_tree(mapper: Mapper, paths: tuple[str, ...]) -> tuple[dict[str
             here = prop.mapper
             targets.append(here.class_)
     return tree, targets
+
+
+def _keep(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+    """A no-op ``set`` listener; registered with ``active_history`` for what that does."""
+    return value
+
+
+def _names_in(tree: Mapping[str, dict]) -> Iterable[str]:
+    for name, subtree in tree.items():
+        yield name
+        yield from _names_in(subtree)
+
+
+def _targets_of(mapper: Mapper, tree: Mapping[str, dict]) -> Iterable[type]:
+    for name, subtree in tree.items():
+        target = mapper.relationships[name].mapper
+        yield target.class_
+        yield from _targets_of(target, subtree)

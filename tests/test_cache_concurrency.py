@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
 
 from identity_middleware import UserCache
 
@@ -285,3 +287,95 @@ def test_soak_a_get_after_invalidate_never_sees_older_data():
     assert stats.hits + stats.misses == sum(gets)
     assert stats.hits > 0 and stats.invalidations > 0 and stats.evictions > 0
     assert stats.size <= 32
+
+
+# -- the same promise through bind_sqlalchemy against real PostgreSQL ------------------------
+
+
+class _SoakBase(DeclarativeBase):
+    pass
+
+
+class Account(_SoakBase):
+    __tablename__ = "soak_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(default=0)
+
+
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
+def test_soak_bind_sqlalchemy_never_serves_older_than_a_committed_invalidation(postgres_url, isolation):
+    """4 request threads and 1 writer over 5 users in real PostgreSQL.
+
+    The writer bumps a user's ``version`` column and commits (the binding invalidates
+    after commit), then publishes the version as the floor. A request reads the floor
+    when it starts, then -- at random -- touches the user first, runs another query
+    first (under REPEATABLE READ that fixes its snapshot), or loads the user row into
+    its identity map first; then it gets the user through the cache. Its own view is
+    never older than the floor it read, so anything older came from an entry stored
+    under a stamp newer than its data: the race the store rule closes.
+    """
+    from identity_middleware.sqlalchemy import bind_sqlalchemy
+
+    keys = [str(i) for i in range(1, 6)]
+    engine = create_engine(postgres_url, isolation_level=isolation, pool_size=8)
+    _SoakBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all(Account(id=int(k)) for k in keys)
+        s.commit()
+    factory = sessionmaker(engine)
+    db = scoped_session(factory)  # one session per thread, as one per request
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Account)
+    floor = dict.fromkeys(keys, 0)
+    floor_lock = threading.Lock()
+    violations: list[tuple] = []
+    done = threading.Event()
+
+    def loader(user_id):
+        return db.get(Account, int(user_id))
+
+    def request_thread(index):
+        rng = random.Random(index)
+        for _ in range(120):
+            key = rng.choice(keys)
+            minimum = floor[key]
+            mode = rng.randrange(3)
+            held = None
+            if mode == 1:
+                db.scalar(select(Account.version).where(Account.id == int(rng.choice(keys))))
+            elif mode == 2:
+                held = db.get(Account, int(key))  # in the identity map before the loader runs
+            if mode:
+                time.sleep(rng.random() / 1000)  # let the writer commit in between
+            version = cache.get(key, loader).version
+            if version < minimum:
+                violations.append((key, version, minimum, mode))
+            del held
+            db.remove()
+
+    def writer(_):
+        rng = random.Random(99)
+        while not done.is_set():
+            key = rng.choice(keys)
+            with factory() as s:
+                account = s.get(Account, int(key))
+                account.version += 1
+                s.commit()  # the binding invalidates the account after this commit
+                version = account.version
+            with floor_lock:
+                floor[key] = max(floor[key], version)
+            time.sleep(rng.random() / 500)
+
+    writer_thread = run_threads_in_background(lambda: writer(0))
+    try:
+        results = run_threads(4, request_thread)
+    finally:
+        done.set()
+        writer_thread.result()
+        binding.remove()
+        db.remove()
+        engine.dispose()
+    assert all(kind == "ok" for kind, _ in results), results
+    assert violations == []
+    stats = cache.stats()
+    assert stats.hits > 0 and stats.invalidations > 0

@@ -15,8 +15,10 @@ from flask import Flask, g, jsonify
 from flask_login import LoginManager, UserMixin, current_user, login_user
 from flask_principal import Identity, Permission, Principal, RoleNeed, identity_changed, identity_loaded
 from sqlalchemy import Boolean, Column, ForeignKey, Integer, MetaData, String, Table, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from identity_middleware import UserCache
+from identity_middleware.sqlalchemy import bind_sqlalchemy
 
 from conftest import count_sql, log_in
 
@@ -214,6 +216,10 @@ def security_app(tmp_path_factory):
     class User(db.Model, fsqla.FsUserMixin):
         pass
 
+    class WebAuthn(db.Model, fsqla.FsWebAuthnMixin):  # FsUserMixin links to it when webauthn is installed
+        pass
+
+    User.webauthn_model = WebAuthn  # held: SQLAlchemy's class registry keeps only weak references
     datastore = SQLAlchemyUserDatastore(db, User, Role)
     Security(app, datastore)
 
@@ -251,6 +257,8 @@ def test_install_caches_flask_security_s_own_loader(security_app):
     assert original.__module__ == "flask_security.core"  # registered by Flask-Security, not us
     user_cache = UserCache(app)
     user_cache.install(app.login_manager)
+    User = datastore.user_model
+    binding = bind_sqlalchemy(user_cache, db.session, User, relationships=("roles",), user_id="fs_uniquifier")
     try:
         client = app.test_client()
         assert client.post("/test-login/1").status_code == 200
@@ -264,20 +272,25 @@ def test_install_caches_flask_security_s_own_loader(security_app):
             assert client.get("/session-only").status_code == 200
         stats = user_cache.stats()
         assert (stats.loads, stats.hits) == (1, 20)
-        assert len(statements) == 1  # the one find_user() of the one load
+        assert len(statements) == 1  # the one find_user() of the one load (roles are joined eagerly)
 
-        # Flask-Security's session id is fs_uniquifier: that is the key to invalidate.
+        # A committed role change reaches the cache keyed by fs_uniquifier by itself...
         with app.app_context():
             user = datastore.find_user(id=1)
             uniquifier = user.fs_uniquifier
             datastore.add_role_to_user(user, "editor")
             db.session.commit()
-        assert client.get("/page").get_json()["roles"] == ["admin"]
-        user_cache.invalidate(uniquifier)
         assert client.get("/page").get_json()["roles"] == ["admin", "editor"]
+        # ...and a change behind the ORM's back needs invalidate() with that key.
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM roles_users WHERE role_id = (SELECT id FROM role WHERE name = 'editor')")
+        assert client.get("/page").get_json()["roles"] == ["admin", "editor"]
+        user_cache.invalidate(uniquifier)
+        assert client.get("/page").get_json()["roles"] == ["admin"]
         assert user_cache.install(app.login_manager) is app.login_manager._user_callback  # never twice
         assert app.login_manager._user_callback.__wrapped__ is original
     finally:
+        binding.remove()
         app.login_manager.user_loader(original)
 
 
@@ -287,6 +300,7 @@ def test_wrapping_flask_security_s_loader_without_install_breaks_its_session_che
     app, engine, db, datastore = security_app
     original = app.login_manager._user_callback
     user_cache = UserCache()
+    binding = bind_sqlalchemy(user_cache, db.session, datastore.user_model, relationships=("roles",))
     app.login_manager.user_loader(user_cache.cached(original))
     try:
         client = app.test_client()
@@ -294,6 +308,27 @@ def test_wrapping_flask_security_s_loader_without_install_breaks_its_session_che
         assert client.get("/page").status_code == 200  # a miss: the loader ran
         assert client.get("/page").status_code == 302  # a hit without the replay
     finally:
+        binding.remove()
+        app.login_manager.user_loader(original)
+
+
+def test_install_without_bind_sqlalchemy_is_refused_naming_the_line_to_add(security_app):
+    # Flask-Security's loader returns a mapped User: shared between requests it would go
+    # detached after a commit. The first cached load refuses, with the fix in the message.
+    app, engine, db, datastore = security_app
+    original = app.login_manager._user_callback
+    user_cache = UserCache()
+    user_cache.install(app.login_manager)
+    app.testing = True  # let the error reach the test instead of becoming a 500
+    try:
+        client = app.test_client()
+        assert client.post("/test-login/1").status_code == 200
+        with pytest.raises(TypeError, match=r"bind_sqlalchemy\(user_cache, db\.session, User, relationships=") as info:
+            client.get("/page")
+        assert "from identity_middleware.sqlalchemy import bind_sqlalchemy" in str(info.value)
+        assert user_cache.stats().size == 0
+    finally:
+        app.testing = False
         app.login_manager.user_loader(original)
 
 
@@ -334,3 +369,112 @@ def test_example_app_deactivated_and_invalidated_user_is_anonymous(example_app, 
     me = client.get("/me").get_json()
     assert me["anonymous"] is True and me["email"] is None
     assert client.get("/admin").status_code == 403
+
+
+# -- the README's quick start: Flask-SQLAlchemy, a loader returning the ORM user -------------
+
+
+def quick_start_app(tmp_path, *, bind: bool):
+    """The README's quick start, line for line, with ``bind`` choosing whether its
+    ``bind_sqlalchemy`` line is there."""
+    from flask import request
+    from flask_sqlalchemy import SQLAlchemy
+
+    from identity_middleware import IdentityMiddleware
+
+    class Base(DeclarativeBase):
+        pass
+
+    db = SQLAlchemy(model_class=Base)
+    links = Table(
+        "qs_user_roles",
+        Base.metadata,
+        Column("user_id", ForeignKey("qs_users.id"), primary_key=True),
+        Column("role_id", ForeignKey("qs_roles.id"), primary_key=True),
+    )
+
+    class Role(db.Model):
+        __tablename__ = "qs_roles"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(50))
+
+    class User(db.Model, UserMixin):
+        __tablename__ = "qs_users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        email: Mapped[str] = mapped_column(String(100))
+        roles: Mapped[list[Role]] = relationship(secondary=links, order_by=Role.id)
+
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="test", SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'qs.db'}")
+    db.init_app(app)
+    login_manager = LoginManager(app)
+
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=["/favicon.ico"])
+    user_cache = UserCache(app)
+    if bind:
+        bind_sqlalchemy(user_cache, db.session, User, relationships=("roles",), related=(Role,))
+
+    @login_manager.user_loader
+    @user_cache.cached
+    def load_user(user_id):
+        return db.session.get(User, int(user_id))
+
+    @app.post("/login")
+    def login():
+        login_user(db.session.get(User, 1))
+        return "ok"
+
+    @app.get("/me")
+    def me():
+        return jsonify(email=current_user.email, roles=[r.name for r in current_user.roles])
+
+    @app.post("/me/email")
+    def change_my_email():
+        current_user.email = request.form["email"]
+        db.session.commit()
+        return "ok"
+
+    @app.post("/admin/revoke/<name>")
+    def revoke(name):
+        user = db.session.get(User, 1)
+        user.roles = [r for r in user.roles if r.name != name]
+        db.session.commit()
+        return "ok"
+
+    with app.app_context():
+        db.create_all()
+        db.session.add(User(id=1, email="alice@example.com", roles=[Role(name="admin"), Role(name="editor")]))
+        db.session.commit()
+        engine = db.engine
+    return app, engine, user_cache, db, User
+
+
+def test_quick_start_without_bind_sqlalchemy_is_refused_at_the_first_cached_load(tmp_path):
+    app, engine, user_cache, db, User = quick_start_app(tmp_path, bind=False)
+    app.testing = True
+    client = app.test_client()
+    client.post("/login")
+    with pytest.raises(TypeError, match=r"bind_sqlalchemy\(user_cache, db\.session, User, relationships=\(\"roles\",\)\)"):
+        client.get("/me")
+    assert user_cache.stats().size == 0  # nothing was cached
+
+
+def test_quick_start_with_bind_survives_a_committing_view_and_saves_changes(tmp_path):
+    app, engine, user_cache, db, User = quick_start_app(tmp_path, bind=True)
+    client = app.test_client()
+    client.post("/login")
+    assert client.get("/me").get_json()["email"] == "alice@example.com"
+    # Changed through current_user (a cache hit) and committed: saved, and seen next.
+    assert client.post("/me/email", data={"email": "alice@new.example.com"}).status_code == 200
+    for _ in range(3):  # no DetachedInstanceError in later requests, and hits again
+        response = client.get("/me")
+        assert response.status_code == 200
+        assert response.get_json() == {"email": "alice@new.example.com", "roles": ["admin", "editor"]}
+    with app.app_context():
+        assert db.session.get(User, 1).email == "alice@new.example.com"
+    assert client.post("/admin/revoke/admin").status_code == 200
+    with count_sql(engine) as statements:
+        assert client.get("/me").get_json()["roles"] == ["editor"]
+        assert client.get("/me").get_json()["roles"] == ["editor"]
+    assert len(statements) == 2  # one reload (user, roles); the second request is a hit
+    assert user_cache.stats().hits >= 3
