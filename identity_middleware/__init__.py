@@ -19,7 +19,7 @@ from .cache import CacheStats, UserCache
 from .config import ConfigError
 from .middleware import IdentityMiddleware, is_static_request
 from .static import StaticFiles
-from .versions import LocalVersionStore, VersionStore
+from .versions import InvalidationUnconfirmed, LocalVersionStore, VersionStore
 
 __all__ = [
     "UserCache",
@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "LocalVersionStore",
     "VersionStore",
+    "InvalidationUnconfirmed",
     "RedisVersionStore",
 ]
 
