@@ -675,11 +675,13 @@ class UserCache:
         waited out (see :mod:`identity_middleware.redis_versions`).
 
         **When it raises** :class:`~identity_middleware.versions.InvalidationUnconfirmed`
-        (Redis did not confirm: unreachable, frozen, closed): this process stops
-        serving the entry all the same, and so does every process that lost Redis
-        too; a process that still reaches Redis may serve it until the bump is
-        replayed or the entry's TTL ends. Your data is committed either way: report
-        or retry, do not roll back. Any other store error propagates unchanged.
+        (Redis did not confirm: down, frozen, partitioned from this process): this
+        process stops serving the entry all the same, and every process that lost
+        Redis too has stopped serving cached users by then (the store waits that
+        out, about 3.4 s with default settings); only a process that still reaches Redis
+        while this one cannot may serve it, until the bump is replayed or the entry's
+        TTL ends. Your data is committed either way: report or retry, do not roll
+        back. Any other store error propagates unchanged.
         """
         key = str(user_id)
         try:

@@ -27,11 +27,12 @@ Redis for ``3 * heartbeat`` drops its mirror, and it cannot have heard anything
 Redis sent after our message without hearing our message first (one connection,
 in order), so ``silence_bound`` seconds after Redis confirmed the publish it has
 either applied the bump or stopped trusting its mirror. When Redis itself does not
-confirm -- refused, frozen, partitioned from this process -- nobody can say which
-processes still trust their mirror, so ``bump()`` raises
-:class:`~identity_middleware.versions.InvalidationUnconfirmed` (after applying the
-bump here and keeping it for the replay below) instead of returning as if it had
-worked.
+confirm -- frozen, down, partitioned from this process -- ``bump()`` applies the bump
+here, keeps it for the replay below, waits out the silence bound of the outage (so
+every process that lost Redis too has dropped its mirror by then) and raises
+:class:`~identity_middleware.versions.InvalidationUnconfirmed`: what it cannot know
+is whether some process still reaches Redis while this one does not (a partial
+partition), and that process would keep serving the old user until the replay.
 
 Pub/sub is at-most-once: a message sent while a subscriber is disconnected is lost.
 So the mirror is trusted only while the subscription is known to be alive. The
@@ -96,7 +97,7 @@ _MAX_PENDING = 1_000
 #: Seconds an acknowledgement list lives when its sender stopped waiting for it.
 _ACK_TTL = 60
 #: Slack added to the silence bound for scheduling (a listener wakes up late).
-_GRACE = 0.1
+_GRACE = 0.25
 
 
 class _Epoch(dict):
@@ -219,6 +220,7 @@ class RedisVersionStore:
         "_token",
         "_sequence",
         "_down",
+        "_heard_at",
         "_closed",
         "_pending",
         "_pending_all",
@@ -239,6 +241,7 @@ class RedisVersionStore:
     _token: str
     _sequence: itertools.count
     _down: bool
+    _heard_at: float
     _pending: set[str]
     _pending_all: bool
     _watch: _ReconnectWatch | None
@@ -354,12 +357,16 @@ class RedisVersionStore:
             raise self._unconfirmed(key, "the version store is closed", replayed=False)
         if down:
             self._start_if_needed()  # it sends the remembered bump once Redis is back
+            # Redis went silent within a heartbeat of the last thing we heard from it;
+            # every process that lost it too drops its mirror a silence bound later.
+            self._wait_until(self._heard_at + self._heartbeat + self.silence_bound)
             raise self._unconfirmed(key, "the link to Redis is down", replayed=True)
         self._send(key)
 
     def _send(self, key: str | None) -> None:
         # A successful send needs no listener: a process that only invalidates (a
         # gunicorn master seeding with --preload, a CLI) starts no thread.
+        started = time.monotonic()
         try:
             sequence, receivers = self._publish(self._client, key)
         except Exception as exc:  # noqa: BLE001 -- sorted below; the caller gets one exception type
@@ -371,6 +378,9 @@ class RedisVersionStore:
                 self._remember(key)
             self._lose_link(f"sending an invalidation failed: {exc!r}")
             self._start_if_needed()  # it sends the remembered bump once Redis is back
+            # Redis was silent from before we sent at the latest: a silence bound after
+            # that, every process that lost it too has dropped its mirror.
+            self._wait_until(started + self.silence_bound)
             raise self._unconfirmed(key, f"Redis did not confirm it: {exc!r}", replayed=True) from exc
         confirmed = time.monotonic()
         missing = self._await_acks(sequence, receivers, confirmed + self._confirm_timeout)
@@ -387,8 +397,13 @@ class RedisVersionStore:
                 self._channel,
                 max(wait, 0.0),
             )
-            if wait > 0:
-                time.sleep(wait)
+            self._wait_until(confirmed + self.silence_bound)
+
+    @staticmethod
+    def _wait_until(moment: float) -> None:
+        remaining = moment - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
 
     def _publish(self, client: Any, key: str | None) -> tuple[int, int]:
         """Send one bump; ``(sequence number, receivers)`` as Redis reported them."""
@@ -414,16 +429,17 @@ class RedisVersionStore:
         return receivers - heard
 
     def _unconfirmed(self, key: str | None, why: str, *, replayed: bool) -> InvalidationUnconfirmed:
-        then = (
-            "it is sent when the link is back, and until then (or until their entry's TTL ends)"
-            if replayed
-            else "until their entry's TTL ends"
-        )
+        if self._closed:
+            others = "other processes were not told: they may serve the old entry until its TTL ends"
+        else:
+            then = "it is sent when the link is back; until then" if replayed else "until their entry's TTL ends"
+            others = (
+                "every process that lost Redis too has stopped serving cached users until it "
+                f"resynchronises; {then} a process that still reaches Redis may serve the old entry"
+            )
         return InvalidationUnconfirmed(
             f"invalidation of {_what(key)} through Redis at {self._url} is not confirmed ({why}). "
-            f"This process no longer serves the old entry, and processes that lost Redis too serve "
-            f"no cached user until they resynchronise; {then} processes that still reach Redis "
-            f"may serve the old entry",
+            f"This process no longer serves the old entry; {others}",
             key=key,
             replayed=replayed,
         )
@@ -458,7 +474,7 @@ class RedisVersionStore:
         -- or, if longer, the most one listener command (an acknowledgement, which
         starts right after hearing) can block -- plus a little slack for scheduling.
         :meth:`bump` waits this long after Redis confirmed a publish when a receiver
-        does not acknowledge it. About 3.2 s with the defaults.
+        does not acknowledge it. About 3.35 s with the defaults.
         """
         return max(3 * self._heartbeat + self._poll_interval(), self._listener_block) + _GRACE
 
@@ -523,6 +539,7 @@ class RedisVersionStore:
         self._token = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._down = False
+        self._heard_at = 0.0  # when the listener last heard from Redis (monotonic)
         self._pending = set()
         self._pending_all = False
         self._watch = None
@@ -654,6 +671,7 @@ class RedisVersionStore:
                 pending, pending_all = self._pending, self._pending_all
                 self._pending, self._pending_all = set(), False
                 if not (pending or pending_all):
+                    self._heard_at = time.monotonic()
                     self._down = False
                     self._mirror = _Epoch()
                     self._synced.set()
@@ -720,7 +738,7 @@ class RedisVersionStore:
             if self._down:
                 raise _LinkLost("an invalidation could not be sent")
             if message is not None:
-                heard = now
+                heard = self._heard_at = now
                 if message["type"] == "message":
                     self._apply(message["data"])
                 elif message["type"] == "unsubscribe":

@@ -37,11 +37,13 @@ class InvalidationUnconfirmed(RuntimeError):
     or Redis refused the message. What still holds when it is raised:
 
     * this process no longer serves the old entry (the bump was applied here first);
-    * a process that lost its link to Redis too serves no cached user at all until it
-      has resynchronised (see :mod:`identity_middleware.redis_versions`);
-    * a process that still reaches Redis may serve the old entry until this bump is
-      replayed to Redis (``replayed`` is true: this process sends it once its link is
-      back) or until the entry's TTL ends.
+    * every process that lost its link to Redis too has stopped serving cached users
+      by the time this is raised (the store waits that out), until it resynchronises
+      (see :mod:`identity_middleware.redis_versions`);
+    * only a process that still reaches Redis while this one does not (a partial
+      partition) may serve the old entry: until this bump is replayed to Redis
+      (``replayed`` is true: this process sends it once its link is back) or until the
+      entry's TTL ends. A closed store or a refusal by Redis reaches nobody else.
 
     ``key`` is the invalidated user id (``None`` for every user). The committed data
     is not affected: callers that invalidate after a commit should log this, not

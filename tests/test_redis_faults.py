@@ -62,8 +62,9 @@ def listener_threads() -> list[threading.Thread]:
 def test_killed_redis_means_no_hits_no_stale_user_no_exception_then_hits_resume(
     server, make_store, caplog
 ):
-    store = make_store()
-    other = make_store()  # another worker, on the same Redis
+    # A short heartbeat: an invalidation during the outage waits out the silence bound.
+    store = make_store(heartbeat=0.2)
+    other = make_store(heartbeat=0.2)  # another worker, on the same Redis
     cache, db = UserCache(versions=store, ttl=600), Database()
     assert store.wait_synced(5) and other.wait_synced(5)
     cache.get(1, db.load)
@@ -95,7 +96,7 @@ def test_killed_redis_means_no_hits_no_stale_user_no_exception_then_hits_resume(
 
 
 def test_thread_and_connection_counts_stay_flat_across_outages(server, make_store):
-    store = make_store()
+    store = make_store(heartbeat=0.2)
     assert store.wait_synced(5)
     threads = threading.active_count()
     for _ in range(3):
@@ -203,7 +204,8 @@ def test_a_silent_partition_is_detected_by_the_heartbeat(server, make_store, cap
 
 def test_an_invalidation_that_fails_to_send_degrades_and_is_replayed(server, make_store, caplog):
     """The link looked fine but the bump could not be sent: trust nothing, send it later."""
-    store = make_store(heartbeat=5.0, socket_timeout=0.2)  # the heartbeat will not notice first
+    # The send times out (2 x 0.15 s) before the heartbeat could notice (3 x 0.5 s).
+    store = make_store(heartbeat=0.5, socket_timeout=0.15)
     assert store.wait_synced(5)
     with caplog.at_level(logging.INFO, logger="identity_middleware"):
         server.pause()
