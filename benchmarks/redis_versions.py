@@ -396,7 +396,8 @@ def _time_stale_windows(quick: bool) -> list[dict[str, Any]]:
                     "normal_returns": f"{len(after_return)} of {frozen}",
                 }  # fmt: skip
                 if after_raise:
-                    row["old_answers_after_the_raise_until"] = f"{max(after_raise) * 1000:.0f} ms"
+                    # Negative: the worker's latest old answer started that long before the raise.
+                    row["latest_old_answer_vs_raise"] = f"{max(after_raise) * 1000:+.0f} ms"
                 rows.append(row)
         finally:
             probe.close()

@@ -713,6 +713,19 @@ def test_a_second_app_never_closes_the_version_store_the_first_app_uses(monkeypa
         cache.close()
 
 
+def test_the_shared_settings_error_never_shows_a_password():
+    first, second = Flask("first"), Flask("second")
+    first.config["IDENTITY_VERSION_STORE"] = "redis://:s3cret@127.0.0.1:6379/0"
+    second.config["IDENTITY_VERSION_STORE"] = "redis://:other-s3cret@127.0.0.1:6379/1"
+    cache = UserCache(first)  # connects lazily: nothing to reach here
+    try:
+        with pytest.raises(ConfigError, match="IDENTITY_VERSION_STORE") as caught:
+            cache.init_app(second)
+        assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    finally:
+        cache.close()
+
+
 def test_init_app_again_on_the_only_app_still_reconfigures(clock):
     cache = UserCache(timer=clock)
     app = Flask(__name__)
