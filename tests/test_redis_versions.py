@@ -119,14 +119,14 @@ def test_bump_all_changes_every_stamp_before_it_returns(make_store):
 
 
 def test_invalidations_leave_no_keys_in_redis(make_store, shared, redis_prefix):
-    """Bounded: 2,000 distinct invalidated users (and a bump_all) leave 0 keys behind --
+    """Bounded: 1,000 distinct invalidated users (and a bump_all) leave 0 keys behind --
     nothing per user is stored, and the acknowledgement lists are consumed."""
     store, other = synced(make_store()), synced(make_store())
-    for user in range(2_000):
+    for user in range(1_000):
         store.bump(str(user))
     other.bump_all()
     keys = list(shared.scan_iter(match=f"{redis_prefix}*"))
-    print(f"\nkeys under the prefix after 2,000 invalidations: {len(keys)}")
+    print(f"\nkeys under the prefix after 1,000 invalidations: {len(keys)}")
     assert keys == []
 
 
@@ -524,14 +524,14 @@ def test_a_refused_invalidation_fails_alone_at_the_caller():
 
 
 def test_the_mirror_stays_within_max_keys(make_store):
-    """Bounded: 3,000 distinct invalidations heard, at most max_keys counters mirrored;
+    """Bounded: 1,500 distinct invalidations heard, at most max_keys counters mirrored;
     overflowing starts a new epoch, so a stamp never returns to an old value."""
-    sender, receiver = synced(make_store()), synced(make_store(max_keys=1_000))
+    sender, receiver = synced(make_store()), synced(make_store(max_keys=500))
     first = receiver.stamp("0")
     most = 0
-    for user in range(3_000):
+    for user in range(1_500):
         sender.bump(str(user))
         most = max(most, receiver.mirrored)
-    print(f"\nmirror after 3,000 distinct invalidations: {receiver.mirrored} counters (most {most})")
-    assert most <= 1_000
+    print(f"\nmirror after 1,500 distinct invalidations: {receiver.mirrored} counters (most {most})")
+    assert most <= 500
     assert receiver.stamp("0") != first
