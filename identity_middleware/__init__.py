@@ -20,7 +20,7 @@ from .config import ConfigError
 from .middleware import IdentityMiddleware, is_static_request
 from .serve_rules import static_safe
 from .static import StaticFiles
-from .versions import LocalVersionStore, VersionStore
+from .versions import InvalidationUnconfirmed, LocalVersionStore, VersionStore
 
 __all__ = [
     "UserCache",
@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "LocalVersionStore",
     "VersionStore",
+    "InvalidationUnconfirmed",
     "RedisVersionStore",
 ]
 

@@ -51,15 +51,17 @@ it to ``0``: the loader then runs every time and the stats still count.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import logging
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar, cast, overload
 
-from .config import Resolved, resolve
+from .config import ConfigError, Resolved, redacted_url, resolve
 from .versions import LocalVersionStore, VersionStore
 
 if TYPE_CHECKING:
@@ -253,6 +255,21 @@ def _on_hit_for(loader: Callable[[Any], Any]) -> Callable[[Any], None] | None:
     return None
 
 
+def _refuse_async(loader: Callable[..., Any]) -> None:
+    """``TypeError`` for a loader that returns an awaitable instead of a user."""
+    call = getattr(loader, "__call__", None)  # noqa: B004 -- an object with async __call__
+    if any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (loader, call)
+    ):
+        name = getattr(loader, "__qualname__", None) or repr(loader)
+        raise TypeError(
+            f"UserCache cannot cache the async loader {name}: calling it returns a coroutine, "
+            "which the cache would store and hand out instead of a user (and which can be "
+            "awaited only once). Flask-Login calls user_loader synchronously; write the loader "
+            "as a plain def (for an async data layer, run it to completion inside the loader)"
+        )
+
+
 def _close_store(store: VersionStore) -> None:
     """Close a store this cache built and no longer uses.
 
@@ -295,8 +312,14 @@ class UserCache:
     Settings resolve as environment > argument > ``app.config`` > default; a bad value
     raises :class:`~identity_middleware.config.ConfigError` here or in
     :meth:`init_app`. :attr:`settings` holds the effective values and their sources.
-    One cache may serve several apps; each :meth:`init_app` re-resolves the settings
-    with that app's config.
+
+    One cache may serve several apps of a process (one LRU, one TTL, one version
+    store for all of them), as long as their effective settings agree: an
+    :meth:`init_app` whose app resolves any setting to another value than the apps
+    already served raises :class:`~identity_middleware.config.ConfigError` naming the
+    setting and changes nothing -- it never replaces another app's TTL or closes the
+    version store another app uses. Give such an app its own ``UserCache``. Until a
+    second app joins, :meth:`init_app` may reconfigure the cache freely.
 
     Keys are ``str(user_id)``: ``invalidate(1)`` and ``invalidate("1")`` are the same
     user. With Flask-Security-Too the id Flask-Login passes is ``fs_uniquifier``, so
@@ -312,6 +335,7 @@ class UserCache:
         "adapter",
         "settings",
         "_arguments",
+        "_apps",
         "_ttl",
         "_maxsize",
         "_negative_ttl",
@@ -360,6 +384,7 @@ class UserCache:
             "IDENTITY_VERSION_PREFIX": version_prefix,
         }
         self._timer = timer
+        self._apps: list[weakref.ref[Flask]] = []  # the apps served, oldest first
         self._lock = threading.Lock()
         # key -> (stored value, stamp read before the load, expiry); order = recency.
         self._entries: OrderedDict[str, tuple[Any, Hashable, float]] = OrderedDict()
@@ -387,14 +412,24 @@ class UserCache:
             self.versions = versions
         self._configure(app)
         if app is not None:
-            app.extensions["identity_cache"] = self
+            self._serve(app)
 
     # -- configuration --------------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
         """Apply ``app.config`` (under environment and arguments) and register as
-        ``app.extensions["identity_cache"]``."""
+        ``app.extensions["identity_cache"]``.
+
+        When this cache already serves another app, ``app`` must resolve every
+        setting to the same value, or :class:`~identity_middleware.config.ConfigError`
+        is raised and nothing changes (see the class docstring).
+        """
         self._configure(app)
+        self._serve(app)
+
+    def _serve(self, app: Flask) -> None:
+        if not any(ref() is app for ref in self._apps):
+            self._apps = [ref for ref in self._apps if ref() is not None] + [weakref.ref(app)]
         app.extensions["identity_cache"] = self
 
     def _configure(self, app: Flask | None) -> None:
@@ -405,7 +440,12 @@ class UserCache:
             settings["IDENTITY_VERSION_STORE"] = Resolved(
                 "IDENTITY_VERSION_STORE", self._versions, "argument"
             )
-        else:
+        others = [other for ref in self._apps if (other := ref()) is not None and other is not app]
+        if others:
+            # Shared with another app: the settings are the cache's, not this app's.
+            self._check_shared(settings, others[0])
+            return
+        if not explicit_store:
             spec = (settings["IDENTITY_VERSION_STORE"].value, settings["IDENTITY_VERSION_PREFIX"].value)
             if spec != self._versions_source:
                 old, owned = self._versions, self._owns_versions
@@ -418,6 +458,22 @@ class UserCache:
         self._negative_ttl = settings["IDENTITY_CACHE_NEGATIVE_TTL"].value
         if self._ttl == 0:
             self.clear()
+
+    def _check_shared(self, settings: dict[str, Resolved], other: Flask) -> None:
+        """Refuse settings that differ from those the apps already served run with."""
+        for name, resolved in settings.items():
+            current = self.settings.get(name)
+            if resolved.source == "argument" and name == "IDENTITY_VERSION_STORE":
+                continue  # a store object given to this cache: the same for every app
+            if current is not None and resolved.value != current.value:
+                raise ConfigError(
+                    name,
+                    resolved.value,
+                    f"{redacted_url(current.value)!r} (from {current.source}), the value this UserCache "
+                    f"already uses for app {other.name!r}: one UserCache serving several "
+                    "apps has one set of settings -- give this app its own UserCache to use "
+                    "another",
+                )
 
     @property
     def versions(self) -> VersionStore:
@@ -685,20 +741,44 @@ class UserCache:
     # -- invalidation and introspection ---------------------------------------------------
 
     def invalidate(self, user_id: Any) -> None:
-        """Stop serving what is cached for ``user_id``: here at once, elsewhere as soon as
-        the version store propagates the bump. Call after changing roles or deactivating."""
+        """Stop serving what is cached for ``user_id``, in every process sharing the
+        version store. Call after changing roles or deactivating, after the commit.
+
+        **What you may rely on when it returns normally:** no request that starts
+        afterwards, in this process or in any process sharing the version store, is
+        answered from an entry cached before the call -- its next lookup loads again.
+        With Redis that holds through partitions too: the call returns only once
+        every receiving process acknowledged the bump, or the ones that did not were
+        waited out (see :mod:`identity_middleware.redis_versions`).
+
+        **When it raises** :class:`~identity_middleware.versions.InvalidationUnconfirmed`
+        (Redis did not confirm: down, frozen, partitioned from this process): this
+        process stops serving the entry all the same, and every process that lost
+        Redis too has stopped serving cached users by then (the store waits that
+        out, about 3.4 s with default settings); only a process that still reaches Redis
+        while this one cannot may serve it, until the bump is replayed or the entry's
+        TTL ends. Your data is committed either way: report or retry, do not roll
+        back. Any other store error propagates unchanged.
+        """
         key = str(user_id)
-        self.versions.bump(key)  # first: no entry stamped before this can validate again
-        with self._lock:
-            self._invalidations += 1
-            self._entries.pop(key, None)
+        try:
+            self.versions.bump(key)  # first: no entry stamped before this can validate again
+        finally:
+            with self._lock:
+                self._invalidations += 1
+                self._entries.pop(key, None)
 
     def invalidate_all(self) -> None:
-        """Stop serving every cached user, e.g. after changing what a role means."""
-        self.versions.bump_all()
-        with self._lock:
-            self._invalidations += 1
-            self._entries.clear()
+        """Stop serving every cached user, e.g. after changing what a role means.
+
+        The same contract as :meth:`invalidate`, for every user.
+        """
+        try:
+            self.versions.bump_all()
+        finally:
+            with self._lock:
+                self._invalidations += 1
+                self._entries.clear()
 
     def clear(self) -> None:
         """Empty this process's cache (loads in flight do not store). Other processes
@@ -749,10 +829,13 @@ class UserCache:
         ``on_hit(user)`` runs in the request of every caller that receives a user
         without having run the loader itself -- for loaders with per-request side
         effects besides loading. Wrapping a loader this cache already wraps returns
-        it unchanged.
+        it unchanged. A coroutine function (``async def``) is refused with a
+        ``TypeError``: Flask-Login calls its loader synchronously, and the cache would
+        store the coroutine object, not the user.
         """
         if loader is None:
             return functools.partial(self.cached, on_hit=on_hit)
+        _refuse_async(loader)
         owner = getattr(loader, _MARK, None)
         if owner is self:
             return loader

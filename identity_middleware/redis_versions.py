@@ -1,13 +1,13 @@
 """Version stamps shared through Redis, so ``invalidate()`` reaches every worker and host.
 
 Each process keeps its users in its own :class:`~identity_middleware.UserCache`;
-only the *fact* that a user changed travels through Redis. ``bump(key)`` runs one
-small Lua script that ``INCR``\\s the user's counter (``<prefix>v:<key>``; the
-global generation is ``<prefix>gen``) and ``PUBLISH``\\es the bump on
-``<prefix>bump`` in the same atomic step, so a bump is never recorded without being
-announced. Every process mirrors the stamps in local memory and a daemon thread
-applies the bumps it hears, so ``stamp()`` -- called on every cache hit -- reads a
-dict and never touches the network.
+only the *fact* that a user changed travels through Redis. ``bump(key)``
+``PUBLISH``\\es the bump on ``<prefix>bump``; every process mirrors the stamps in
+local memory and a daemon thread applies the bumps it hears, so ``stamp()`` --
+called on every cache hit -- reads a dict and never touches the network. Nothing
+is stored in Redis per user: the only keys are short-lived acknowledgement lists
+(below), which expire on their own, so a long uptime or a flood of invalidations
+leaves no keys behind.
 
 Why pub/sub and not keyspace notifications: notifications need
 ``notify-keyspace-events`` set on the server (often locked down on managed Redis,
@@ -15,6 +15,24 @@ and server-wide, so every app on that Redis pays for every key event), they carr
 payload (a receiver cannot tell its own bump from someone else's), and they are
 delivered over pub/sub anyway, with the same at-most-once guarantee. A channel of our
 own needs no server configuration and carries exactly what a receiver needs.
+
+**What ``bump()`` promises.** It returns normally only when no process that shares
+the prefix can still validate a stamp read before the call. Redis answers the
+``PUBLISH`` with the number of subscribers it handed the message to; each of their
+listeners applies the bump and then acknowledges it (``RPUSH`` to
+``<prefix>ack:<sender>:<n>``, expiring after a minute), and ``bump()`` waits for
+that many acknowledgements. A receiver that does not acknowledge within
+``confirm_timeout`` is waited out instead: a listener that has heard nothing from
+Redis for ``3 * heartbeat`` drops its mirror, and it cannot have heard anything
+Redis sent after our message without hearing our message first (one connection,
+in order), so ``silence_bound`` seconds after Redis confirmed the publish it has
+either applied the bump or stopped trusting its mirror. When Redis itself does not
+confirm -- frozen, down, partitioned from this process -- ``bump()`` applies the bump
+here, keeps it for the replay below, waits out the silence bound of the outage (so
+every process that lost Redis too has dropped its mirror by then) and raises
+:class:`~identity_middleware.versions.InvalidationUnconfirmed`: what it cannot know
+is whether some process still reaches Redis while this one does not (a partial
+partition), and that process would keep serving the old user until the replay.
 
 Pub/sub is at-most-once: a message sent while a subscriber is disconnected is lost.
 So the mirror is trusted only while the subscription is known to be alive. The
@@ -24,23 +42,21 @@ reconnected by redis-py, no answer to the heartbeat ``PING``, Redis restarted --
 every request loads its user from the database. Requests never see an exception.
 
 **Resynchronising.** After a reconnect the listener first subscribes and waits for
-the server's confirmation, and only then starts a new *epoch*: an empty mirror
-compared by identity, so every stamp handed out before compares unequal and every
-entry cached before is stale. Reading the counters back from Redis is not needed:
-an entry loaded in the new epoch read its stamp after the subscription was
-confirmed, so its database read happened after any bump we could have missed
+the server's confirmation, sends the bumps this process made while the link was
+down, and only then starts a new *epoch*: an empty mirror with a generation number
+never used before in this process, so every stamp handed out before compares
+unequal and every entry cached before is stale. Reading anything back from Redis is
+not needed: an entry loaded in the new epoch read its stamp after the subscription
+was confirmed, so its database read happened after any bump we could have missed
 (the bumping process commits before it bumps), and every later bump reaches us.
 The same argument covers a Redis that restarted with empty data or was flushed:
-stamps mix in the process-local epoch and count bumps locally, never the Redis
-counters, so counters that went backwards cannot make an old stamp valid again.
+stamps count bumps locally and never read Redis, so nothing on the server can make
+an old stamp valid again.
 
-**Invalidating while Redis is unreachable.** ``bump()`` never raises. It logs a
-WARNING, bumps this process at once (it is degraded anyway, so it serves nothing
-stale), and remembers the key; the listener sends the remembered bumps once the
-link is back. Other processes that lost their link too are degraded and start a
-new epoch on reconnect, so they cannot serve the old user either. The gap is a
-*partial* partition: a process that still reaches Redis while this one does not
-keeps serving its cached entry until the replay arrives or the entry's TTL ends.
+**Keys.** A user id is any ``str``. One that UTF-8 cannot encode (a lone surrogate
+from JSON or a command line) travels hex-encoded with a marker of its own, so it is
+delivered exactly like any other and can never make Redis, redis-py or a listener
+fail -- an encoding error must not look like an outage.
 
 **Workers.** The listener thread is a daemon and :meth:`RedisVersionStore.close`
 stops it within a poll interval. After ``os.fork()`` (gunicorn ``--preload``) the
@@ -54,6 +70,7 @@ child trusting a mirror nobody updates.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -64,6 +81,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Hashable
 
 from .config import SETTINGS, ConfigError, redacted_url
+from .versions import DEFAULT_MAX_KEYS, InvalidationUnconfirmed, _generations
 
 if TYPE_CHECKING:
     import redis
@@ -74,35 +92,29 @@ log = logging.getLogger(__name__)
 
 _SETTING = "IDENTITY_VERSION_STORE"
 
-# One script for both kinds of bump: INCR the counter, announce it, atomically.
-# Payload: "<process token> <kind> <new value> <key>" -- the key goes last because
-# user ids may contain spaces.
-_BUMP_LUA = """
-local value = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. value .. ' ' .. ARGV[3])
-return value
-"""
-
 #: Bumps remembered during an outage; beyond this, one ``bump_all`` replaces them.
 _MAX_PENDING = 1_000
-#: Keys mirrored in one epoch; beyond this a new epoch starts (one reload per
-#: cached user), which keeps memory bounded however many users get invalidated.
-_MAX_MIRRORED = 100_000
+#: Seconds an acknowledgement list lives when its sender stopped waiting for it.
+_ACK_TTL = 60
+#: Slack added to the silence bound for scheduling (a listener wakes up late).
+_GRACE = 0.25
 
 
 class _Epoch(dict):
-    """Per-key bump counts for one trusted period, compared by identity.
+    """Per-key bump counts for one trusted period, with a generation ``number``.
 
-    A stamp is ``(epoch, count)``. Equality by identity means a stamp from an
-    earlier epoch never equals one from a later epoch, even when both mirrors
-    happen to hold the same counts -- which is how a resynchronisation or a
-    ``bump_all`` makes every earlier stamp stale in O(1).
+    A stamp is ``(number, count)``. Numbers come from one process-wide counter and
+    are never reused, so a stamp from an earlier epoch never equals one from a later
+    epoch even when both count the same -- which is how a resynchronisation or a
+    ``bump_all`` makes every earlier stamp stale in O(1). Stamps hold the number,
+    not the dict, so a stale cache entry does not keep an old mirror alive.
     """
 
-    __slots__ = ()
-    __eq__ = object.__eq__  # type: ignore[assignment]
-    __ne__ = object.__ne__  # type: ignore[assignment]
-    __hash__ = object.__hash__  # type: ignore[assignment]
+    __slots__ = ("number",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.number = next(_generations)
 
 
 class _LinkLost(Exception):
@@ -128,6 +140,22 @@ class _ReconnectWatch:
         self.store._lose_link("the subscriber connection was re-established")
 
 
+def _wire_key(key: str) -> tuple[str, str]:
+    """``(kind, text)`` for a user id on the channel: as is, or hex when UTF-8 cannot carry it."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "x", key.encode("utf-8", "surrogatepass").hex()
+    return "k", key
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the link is down (retry later), not that the request was bad."""
+    import redis
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
+
+
 class RedisVersionStore:
     """Version stamps in Redis, mirrored in this process for a network-free ``stamp()``.
 
@@ -138,9 +166,12 @@ class RedisVersionStore:
         as ``redis://:secret@host:6379/0``), or a ready ``redis.Redis`` client. A
         client built from a URL here fails fast (short socket timeouts, one retry),
         so an invalidation during an outage does not hold a request for seconds;
-        a client you pass in keeps its own retry policy.
+        a client you pass in keeps its own retry policy (keep it short: the
+        listener acknowledges bumps through it, and its timeouts add to
+        ``silence_bound``).
     :param prefix: prepended to every key and to the channel, so several apps can
-        share one Redis. Stores that must see each other's bumps use the same prefix.
+        share one Redis. Stores that must see each other's bumps use the same prefix
+        (and the same ``heartbeat``, which the bound below assumes).
     :param heartbeat: seconds between ``PING``\\s on the subscription; the link
         counts as lost after ``3 * heartbeat`` without a reply, which bounds how long
         a half-open connection (a silent network partition) can go unnoticed.
@@ -148,6 +179,10 @@ class RedisVersionStore:
         reconnection attempts, doubling (with jitter) from the first to the longest.
     :param socket_timeout: socket and connect timeout for a client built from a URL,
         and the longest the first ``stamp()`` in a process waits for a connection.
+    :param confirm_timeout: how long ``bump()`` waits for every receiver's
+        acknowledgement before waiting out ``silence_bound`` instead.
+    :param max_keys: most per-user counters mirrored; a new user beyond it starts a
+        new epoch (each cached user reloads once) instead of growing the mirror.
 
     Nothing connects in the constructor: the listener starts with the first
     ``stamp()`` in a process, so a gunicorn master that builds the app with
@@ -164,14 +199,17 @@ class RedisVersionStore:
     __slots__ = (
         "_mirror",
         "_client",
+        "_listener_client",
         "_owns_client",
         "_url",
         "_prefix",
         "_channel",
-        "_gen_key",
-        "_script",
         "_heartbeat",
         "_backoff",
+        "_confirm_timeout",
+        "_block_limit",
+        "_listener_block",
+        "_max_keys",
         "_lock",
         "_stop",
         "_synced",
@@ -180,7 +218,9 @@ class RedisVersionStore:
         "_thread",
         "_pid",
         "_token",
+        "_sequence",
         "_down",
+        "_heard_at",
         "_closed",
         "_pending",
         "_pending_all",
@@ -199,7 +239,9 @@ class RedisVersionStore:
     _thread: threading.Thread | None
     _pid: int
     _token: str
+    _sequence: itertools.count
     _down: bool
+    _heard_at: float
     _pending: set[str]
     _pending_all: bool
     _watch: _ReconnectWatch | None
@@ -212,23 +254,47 @@ class RedisVersionStore:
         heartbeat: float = 1.0,
         reconnect_backoff: tuple[float, float] = (0.05, 1.0),
         socket_timeout: float = 1.0,
+        confirm_timeout: float = 1.0,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         first, longest = reconnect_backoff
-        if not (0 < first <= longest) or not heartbeat > 0 or not socket_timeout > 0:
+        if not (
+            0 < first <= longest and heartbeat > 0 and socket_timeout > 0 and confirm_timeout > 0
+        ):
             raise ValueError(
-                "heartbeat, socket_timeout and reconnect_backoff=(first, longest) "
+                "heartbeat, socket_timeout, confirm_timeout and reconnect_backoff=(first, longest) "
                 "must be positive with first <= longest"
             )
+        if not (isinstance(max_keys, int) and max_keys > 0):
+            raise ValueError(f"max_keys must be a positive int, not {max_keys!r}")
         self._client, self._url, self._owns_client = _make_client(url_or_client, socket_timeout)
+        if self._owns_client:
+            # The listener's own commands (acknowledgements, replays) time out within a
+            # heartbeat and never retry, so a Redis that freezes mid-command cannot keep
+            # a mirror trusted past the silence bound.
+            assert isinstance(url_or_client, str)
+            self._listener_client = _make_client(
+                url_or_client, min(socket_timeout, heartbeat), retries=0
+            )[0]
+            self._listener_block = 2 * min(socket_timeout, heartbeat)
+        else:
+            self._listener_client = self._client
+            kwargs = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {})
+            self._listener_block = 2 * float(kwargs.get("socket_timeout") or socket_timeout)
+        client_timeout = getattr(
+            getattr(self._client, "connection_pool", None), "connection_kwargs", {}
+        ).get("socket_timeout")
+        # A BLPOP must return before the client's own socket timeout fires.
+        self._block_limit = float(client_timeout) / 2 if client_timeout else float(confirm_timeout)
         self._prefix = prefix
         self._channel = f"{prefix}bump"
-        self._gen_key = f"{prefix}gen"
-        self._script = self._client.register_script(_BUMP_LUA)
         self._heartbeat = float(heartbeat)
         self._first_wait = float(socket_timeout)
+        self._confirm_timeout = float(confirm_timeout)
         self._backoff = (float(first), float(longest))
+        self._max_keys = max_keys
         self._closed = False
         self._reset_process_state()
         _LIVE_STORES.add(self)
@@ -240,7 +306,7 @@ class RedisVersionStore:
         mirror = self._mirror
         if mirror is None:
             return self._untrusted_stamp(key)
-        return (mirror, mirror.get(key, 0))
+        return (mirror.number, mirror.get(key, 0))
 
     def _untrusted_stamp(self, key: str) -> Hashable:
         if not self._closed:
@@ -252,7 +318,7 @@ class RedisVersionStore:
             if not first.is_set() and first.wait(self._first_wait):
                 mirror = self._mirror
                 if mirror is not None:
-                    return (mirror, mirror.get(key, 0))
+                    return (mirror.number, mirror.get(key, 0))
         return object()  # equal to nothing: the cache loads instead of trusting
 
     # -- invalidation ------------------------------------------------------------
@@ -260,70 +326,127 @@ class RedisVersionStore:
     def bump(self, key: str) -> None:
         """Make every stamp read so far for ``key`` stale, here at once and everywhere.
 
-        Returns after this process's mirror changed and Redis recorded and
-        announced the bump; during an outage it logs a WARNING, bumps locally and
-        sends the bump after reconnecting. Never raises.
+        Returns normally only when no process sharing the prefix can validate an
+        old stamp of ``key`` any more: every receiver acknowledged, or the ones that
+        did not were waited out (``silence_bound`` after Redis confirmed). Raises
+        :class:`~identity_middleware.versions.InvalidationUnconfirmed` when Redis
+        does not confirm (unreachable, frozen, refused, store closed) -- after the
+        bump took effect in this process and was kept for the replay.
         """
-        key = str(key)
+        self._invalidate(str(key))
+
+    def bump_all(self) -> None:
+        """Make every stamp read so far, for every key, stale -- in every process.
+
+        The same contract as :meth:`bump`.
+        """
+        self._invalidate(None)
+
+    def _invalidate(self, key: str | None) -> None:
         with self._lock:
             mirror = self._mirror
             if mirror is not None:
-                self._count(mirror, key)
-            send = not (self._down or self._closed)
-            if not send:
+                if key is None:
+                    self._mirror = _Epoch()
+                else:
+                    self._count(mirror, key)
+            closed, down = self._closed, self._down
+            if down and not closed:
                 self._remember(key)
-        if send:
-            self._send(f"{self._prefix}v:{key}", "k", key)
-        elif not self._closed:
-            self._start_if_needed()
-            log.warning(
-                "Redis unreachable: invalidation of user %r applied in this process only; "
-                "other processes get it when the link to %s is back",
-                key,
-                self._url,
-            )
+        if closed:
+            raise self._unconfirmed(key, "the version store is closed", replayed=False)
+        if down:
+            self._start_if_needed()  # it sends the remembered bump once Redis is back
+            # Redis went silent within a heartbeat of the last thing we heard from it;
+            # every process that lost it too drops its mirror a silence bound later.
+            self._wait_until(self._heard_at + self._heartbeat + self.silence_bound)
+            raise self._unconfirmed(key, "the link to Redis is down", replayed=True)
+        self._send(key)
 
-    def bump_all(self) -> None:
-        """Make every stamp read so far, for every key, stale -- in every process."""
-        with self._lock:
-            if self._mirror is not None:
-                self._mirror = _Epoch()
-            send = not (self._down or self._closed)
-            if not send:
-                self._remember(None)
-        if send:
-            self._send(self._gen_key, "a", "")
-        elif not self._closed:
-            self._start_if_needed()
-            log.warning(
-                "Redis unreachable: invalidation of all users applied in this process only; "
-                "other processes get it when the link to %s is back",
-                self._url,
-            )
-
-    def _send(self, counter_key: str, kind: str, key: str) -> None:
+    def _send(self, key: str | None) -> None:
         # A successful send needs no listener: a process that only invalidates (a
         # gunicorn master seeding with --preload, a CLI) starts no thread.
+        started = time.monotonic()
         try:
-            self._publish(counter_key, kind, key)
-        except Exception as exc:  # noqa: BLE001 -- an invalidation must never fail a request
+            sequence, receivers = self._publish(self._client, key)
+        except Exception as exc:  # noqa: BLE001 -- sorted below; the caller gets one exception type
+            if not _is_outage(exc):
+                # Redis answered and refused (ACL, a proxy's error...): the link is fine
+                # and retrying would fail the same way, so nothing is kept for a replay.
+                raise self._unconfirmed(key, f"Redis refused it: {exc!r}", replayed=False) from exc
             with self._lock:
-                self._remember(None if kind == "a" else key)
+                self._remember(key)
             self._lose_link(f"sending an invalidation failed: {exc!r}")
             self._start_if_needed()  # it sends the remembered bump once Redis is back
+            # Redis was silent from before we sent at the latest: a silence bound after
+            # that, every process that lost it too has dropped its mirror.
+            self._wait_until(started + self.silence_bound)
+            raise self._unconfirmed(key, f"Redis did not confirm it: {exc!r}", replayed=True) from exc
+        confirmed = time.monotonic()
+        missing = self._await_acks(sequence, receivers, confirmed + self._confirm_timeout)
+        if missing:
+            wait = confirmed + self.silence_bound - time.monotonic()
             log.warning(
-                "Redis unreachable: invalidation of %s applied in this process only; "
-                "other processes get it when the link to %s is back",
-                "all users" if kind == "a" else f"user {key!r}",
-                self._url,
+                "%d of %d receivers did not acknowledge the invalidation of %s within %.1f s "
+                "(a process busy, cut off from Redis, or a foreign subscriber on %r); waiting "
+                "%.1f s more, after which none of them trusts its cached stamps any more",
+                missing,
+                receivers,
+                _what(key),
+                self._confirm_timeout,
+                self._channel,
+                max(wait, 0.0),
             )
+            self._wait_until(confirmed + self.silence_bound)
 
-    def _publish(self, counter_key: str, kind: str, key: str) -> int:
-        return self._script(keys=[counter_key], args=[self._channel, f"{self._token} {kind}", key])
+    @staticmethod
+    def _wait_until(moment: float) -> None:
+        remaining = moment - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def _publish(self, client: Any, key: str | None) -> tuple[int, int]:
+        """Send one bump; ``(sequence number, receivers)`` as Redis reported them."""
+        sequence = next(self._sequence)
+        kind, text = ("a", "") if key is None else _wire_key(key)
+        receivers = client.publish(self._channel, f"{self._token} {kind} {sequence} {text}")
+        return sequence, int(receivers)
+
+    def _await_acks(self, sequence: int, receivers: int, deadline: float) -> int:
+        """Wait for ``receivers`` acknowledgements of bump ``sequence``; how many are missing."""
+        key = f"{self._prefix}ack:{self._token}:{sequence}"
+        heard = 0
+        try:
+            while heard < receivers:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # Fractional BLPOP timeouts need Redis >= 6.
+                if self._client.blpop([key], timeout=min(remaining, self._block_limit)) is not None:
+                    heard += 1
+        except Exception as exc:  # noqa: BLE001 -- the bump is out; stragglers are waited out
+            log.debug("waiting for acknowledgements on %s failed: %r", self._url, exc)
+        return receivers - heard
+
+    def _unconfirmed(self, key: str | None, why: str, *, replayed: bool) -> InvalidationUnconfirmed:
+        if self._closed:
+            others = "other processes were not told: they may serve the old entry until its TTL ends"
+        else:
+            then = "it is sent when the link is back; until then" if replayed else "until their entry's TTL ends"
+            others = (
+                "every process that lost Redis too has stopped serving cached users until it "
+                f"resynchronises; {then} a process that still reaches Redis may serve the old entry"
+            )
+        return InvalidationUnconfirmed(
+            f"invalidation of {_what(key)} through Redis at {self._url} is not confirmed ({why}). "
+            f"This process no longer serves the old entry; {others}",
+            key=key,
+            replayed=replayed,
+        )
 
     def _count(self, mirror: _Epoch, key: str) -> None:
         """One bump of ``key`` in ``mirror``; the caller holds the lock."""
-        if len(mirror) >= _MAX_MIRRORED and key not in mirror:
+        if len(mirror) >= self._max_keys and key not in mirror:
             self._mirror = _Epoch()  # new epoch: every old stamp is stale anyway
         else:
             mirror[key] = mirror.get(key, 0) + 1
@@ -343,6 +466,24 @@ class RedisVersionStore:
         """True while the mirror is trusted (subscribed, resynchronised, link alive)."""
         return self._mirror is not None
 
+    @property
+    def silence_bound(self) -> float:
+        """Seconds after which a process that heard nothing from Redis has dropped its mirror.
+
+        Three heartbeats plus one poll interval (the listener checks between polls)
+        -- or, if longer, the most one listener command (an acknowledgement, which
+        starts right after hearing) can block -- plus a little slack for scheduling.
+        :meth:`bump` waits this long after Redis confirmed a publish when a receiver
+        does not acknowledge it. About 3.35 s with the defaults.
+        """
+        return max(3 * self._heartbeat + self._poll_interval(), self._listener_block) + _GRACE
+
+    @property
+    def mirrored(self) -> int:
+        """Per-user counters in this process's mirror now (at most ``max_keys``)."""
+        mirror = self._mirror
+        return 0 if mirror is None else len(mirror)
+
     def wait_synced(self, timeout: float) -> bool:
         """Start the listener if needed and wait up to ``timeout`` s for a trusted mirror."""
         if self._closed:
@@ -353,8 +494,9 @@ class RedisVersionStore:
     def close(self) -> None:
         """Stop the listener thread and release the connections this store made.
 
-        Afterwards ``stamp()`` returns untrusted stamps and bumps stay local; a
-        client passed in by the caller is left open for its owner.
+        Afterwards ``stamp()`` returns untrusted stamps and ``bump()`` raises
+        :class:`~identity_middleware.versions.InvalidationUnconfirmed` after bumping
+        nothing anywhere; a client passed in by the caller is left open for its owner.
         """
         with self._lock:
             self._closed = True
@@ -366,10 +508,11 @@ class RedisVersionStore:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=max(2.0, 3 * self._heartbeat))
         if self._owns_client:
-            try:
-                self._client.close()
-            except Exception:  # noqa: BLE001 -- closing a dead link is not an error
-                pass
+            for client in (self._client, self._listener_client):
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 -- closing a dead link is not an error
+                    pass
         _LIVE_STORES.discard(self)
 
     @property
@@ -390,10 +533,13 @@ class RedisVersionStore:
         self._first_attempt = threading.Event()  # set once the first (re)connect ended
         self._thread = None
         self._pid = os.getpid()
-        # Tells our own bumps apart from others' when they come back on the channel;
-        # a forked child needs its own, or it would ignore its siblings.
+        # Tells our own bumps apart from others' when they come back on the channel,
+        # and names our acknowledgement lists; a forked child needs its own, or it
+        # would ignore its siblings.
         self._token = secrets.token_hex(8)
+        self._sequence = itertools.count(1)
         self._down = False
+        self._heard_at = 0.0  # when the listener last heard from Redis (monotonic)
         self._pending = set()
         self._pending_all = False
         self._watch = None
@@ -510,32 +656,74 @@ class RedisVersionStore:
             raise
 
     def _resync(self) -> int | str:
-        """Start a new epoch (trust again), then replay bumps made while down.
+        """Replay the bumps made while down, then start a new epoch (trust again).
 
-        Returns how many bumps were replayed (``"all"`` for a generation bump).
+        The replay goes first so that a Redis that freezes during it cannot leave a
+        trusted mirror behind a blocked listener; bumps made meanwhile are replayed
+        too before anything is trusted. Returns how many bumps were replayed
+        (``"all"`` when a generation bump covered them).
         """
-        with self._lock:
-            if self._closed:
-                raise _LinkLost("closed")
-            pending, pending_all = self._pending, self._pending_all
-            self._pending, self._pending_all = set(), False
-            self._down = False
-            self._mirror = _Epoch()
-            self._synced.set()
-        try:
-            if pending_all:
-                self._publish(self._gen_key, "a", "")
-            else:
-                for key in pending:
-                    self._publish(f"{self._prefix}v:{key}", "k", key)
-        except Exception:
+        replayed, everything = 0, False
+        while True:
             with self._lock:
-                if pending_all:
-                    self._remember(None)
-                for key in pending:
-                    self._remember(key)
-            raise
-        return "all" if pending_all else len(pending)
+                if self._closed:
+                    raise _LinkLost("closed")
+                pending, pending_all = self._pending, self._pending_all
+                self._pending, self._pending_all = set(), False
+                if not (pending or pending_all):
+                    self._heard_at = time.monotonic()
+                    self._down = False
+                    self._mirror = _Epoch()
+                    self._synced.set()
+                    return "all" if everything else replayed
+            try:
+                sent = self._replay(pending, pending_all)
+            except Exception:
+                with self._lock:
+                    if pending_all:
+                        self._remember(None)
+                    for key in pending:
+                        self._remember(key)
+                raise
+            if isinstance(sent, str):
+                everything = True
+            else:
+                replayed += sent
+
+    def _replay(self, pending: set[str], pending_all: bool) -> int | str:
+        """Publish remembered bumps (no acknowledgements awaited: their callers were told)."""
+        client = self._listener_client
+        if not pending_all:
+            for key in pending:
+                try:
+                    self._publish(client, key)
+                except Exception as exc:  # noqa: BLE001 -- sorted below
+                    if _is_outage(exc):
+                        raise
+                    # Redis refuses this one: never retry it forever. Everyone reloads
+                    # instead, which covers it.
+                    log.error(
+                        "Redis at %s refused the replay of the invalidation of %s (%r); "
+                        "invalidating every user instead",
+                        self._url,
+                        _what(key),
+                        exc,
+                    )
+                    break
+            else:
+                return len(pending)
+        try:
+            self._publish(client, None)
+        except Exception as exc:  # noqa: BLE001
+            if _is_outage(exc):
+                raise
+            log.error(
+                "Redis at %s refused the replay of the invalidation of all users (%r); "
+                "other processes may serve old entries until their TTL ends",
+                self._url,
+                exc,
+            )
+        return "all"
 
     def _listen(self, pubsub: Any, stop: threading.Event) -> None:
         watch = self._watch
@@ -550,7 +738,7 @@ class RedisVersionStore:
             if self._down:
                 raise _LinkLost("an invalidation could not be sent")
             if message is not None:
-                heard = now
+                heard = self._heard_at = now
                 if message["type"] == "message":
                     self._apply(message["data"])
                 elif message["type"] == "unsubscribe":
@@ -562,18 +750,28 @@ class RedisVersionStore:
                 next_ping = now + self._heartbeat
 
     def _apply(self, data: bytes | str) -> None:
+        """Apply one bump heard on the channel, then acknowledge it to its sender."""
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        token, kind, _value, key = (text.split(" ", 3) + ["", "", ""])[:4]
-        if token == self._token:
-            return  # our own bump: already applied when it was made
-        with self._lock:
-            mirror = self._mirror
-            if mirror is None:
-                return  # untrusted anyway; the next epoch starts empty
-            if kind == "k":
-                self._count(mirror, key)
-            else:  # "a", or anything we do not understand: the safe side
-                self._mirror = _Epoch()
+        token, kind, sequence, key = (text.split(" ", 3) + ["", "", ""])[:4]
+        if token != self._token:  # our own bump was applied when it was made
+            if kind == "x":
+                try:
+                    key = bytes.fromhex(key).decode("utf-8", "surrogatepass")
+                except ValueError:
+                    kind = "?"
+            with self._lock:
+                mirror = self._mirror
+                if mirror is not None:  # else untrusted anyway; the next epoch starts empty
+                    if kind in ("k", "x"):
+                        self._count(mirror, key)
+                    else:  # "a", or anything we do not understand: the safe side
+                        self._mirror = _Epoch()
+        if token.isalnum() and len(token) <= 32 and sequence.isdigit():
+            ack = f"{self._prefix}ack:{token}:{sequence}"
+            pipe = self._listener_client.pipeline(transaction=False)
+            pipe.rpush(ack, 1)
+            pipe.expire(ack, _ACK_TTL)
+            pipe.execute()
 
     def _poll_interval(self) -> float:
         # How long one wait for a message lasts: bounds close() latency and heartbeat
@@ -581,7 +779,11 @@ class RedisVersionStore:
         return min(0.1, self._heartbeat)
 
 
-def _make_client(url_or_client: Any, socket_timeout: float) -> tuple[Any, str, bool]:
+def _what(key: str | None) -> str:
+    return "all users" if key is None else f"user {key!r}"
+
+
+def _make_client(url_or_client: Any, socket_timeout: float, *, retries: int = 1) -> tuple[Any, str, bool]:
     """A redis-py client, a printable (password-free) name for it, and who closes it."""
     if not isinstance(url_or_client, str):
         if not (hasattr(url_or_client, "pubsub") and hasattr(url_or_client, "register_script")):
@@ -614,7 +816,7 @@ def _make_client(url_or_client: Any, socket_timeout: float) -> tuple[Any, str, b
         "socket_connect_timeout": socket_timeout,
         # One quick retry rides over a pooled connection that a Redis restart
         # closed; more would hold the request that called invalidate().
-        "retry": Retry(NoBackoff(), 1),
+        "retry": Retry(NoBackoff(), retries),
     }
     if not url.startswith("unix:"):
         options["socket_keepalive"] = True  # notice a dead peer on idle TCP links

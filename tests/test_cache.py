@@ -619,3 +619,204 @@ def test_nothing_is_recorded_outside_a_request(clock):
     with app.app_context():
         cache.get("1", Users())
         assert "_identity_cache_outcome" not in g
+
+
+# -- one cache, several apps ------------------------------------------------------------
+
+
+def two_apps_sharing(cache, users, second_config=None):
+    """Two real Flask apps (Flask-Login each) behind one cache, as a process serving
+    several apps (DispatcherMiddleware, say) would set them up."""
+    from flask_login import current_user, login_user
+
+    apps = []
+    for name, config in (("first", {}), ("second", second_config or {})):
+        app = Flask(name)
+        app.config.update(SECRET_KEY="x", **config)
+        LoginManager(app).user_loader(cache.cached(users))
+        app.add_url_rule("/login/<user_id>", "login", lambda user_id: str(login_user(Named(user_id))))
+        app.add_url_rule("/me", "me", lambda: str(current_user._get_current_object()))
+        apps.append(app)
+    cache.init_app(apps[0])
+    cache.init_app(apps[1])
+    return apps
+
+
+class Named:
+    """What a login form would hand to login_user: anything with get_id()."""
+
+    is_authenticated = is_active = True
+    is_anonymous = False
+
+    def __init__(self, user_id):
+        self.id = user_id
+
+    def get_id(self):
+        return self.id
+
+
+def me(app, user_id="1"):
+    client = app.test_client()
+    assert client.get(f"/login/{user_id}").text == "True"
+    return client.get("/me").text
+
+
+def test_two_apps_with_the_same_settings_share_one_cache(clock):
+    cache, users = UserCache(timer=clock), Users()
+    first, second = two_apps_sharing(
+        cache, users, {"IDENTITY_CACHE_TTL": SETTINGS["IDENTITY_CACHE_TTL"].default}
+    )
+    assert first.extensions["identity_cache"] is second.extensions["identity_cache"] is cache
+    assert me(first) == "alice"
+    assert me(second) == "alice"
+    assert users.calls == ["1"]  # the second app was answered from the first app's load
+    cache.invalidate("1")
+    users.rows["1"] = "alice v2"
+    assert me(second) == "alice v2"
+    assert me(first) == "alice v2"
+    assert users.calls == ["1", "1"]
+
+
+def test_a_second_app_with_another_ttl_is_a_config_error_that_changes_nothing(clock):
+    cache, users = UserCache(timer=clock), Users()
+    with pytest.raises(ConfigError) as caught:
+        two_apps_sharing(cache, users, {"IDENTITY_CACHE_TTL": 5})
+    default = SETTINGS["IDENTITY_CACHE_TTL"].default
+    assert caught.value.name == "IDENTITY_CACHE_TTL" and caught.value.value == 5.0
+    message = str(caught.value)
+    assert "'first'" in message and "own UserCache" in message and repr(float(default)) in message
+    assert cache.settings["IDENTITY_CACHE_TTL"].value == default  # the first app's TTL stands
+    cache.get("1", users)
+    clock.advance(10)
+    cache.get("1", users)
+    assert users.calls == ["1"]  # still cached after 10 s: the TTL was not replaced
+
+
+def test_a_second_app_never_closes_the_version_store_the_first_app_uses(monkeypatch, redis_url, redis_prefix):
+    monkeypatch.setenv("IDENTITY_VERSION_STORE", redis_url)
+    first, second = Flask("first"), Flask("second")
+    first.config["IDENTITY_VERSION_PREFIX"] = redis_prefix
+    second.config["IDENTITY_VERSION_PREFIX"] = redis_prefix + "other:"
+    cache = UserCache(first)
+    store = cache.versions
+    try:
+        assert store.wait_synced(10)
+        with pytest.raises(ConfigError, match="IDENTITY_VERSION_PREFIX"):
+            cache.init_app(second)
+        assert "identity_cache" not in second.extensions
+        assert cache.versions is store and store.synced  # same store, still open
+        users = Users()
+        cache.get("1", users)
+        cache.get("1", users)
+        assert users.calls == ["1"]
+    finally:
+        cache.close()
+
+
+def test_the_shared_settings_error_never_shows_a_password():
+    first, second = Flask("first"), Flask("second")
+    first.config["IDENTITY_VERSION_STORE"] = "redis://:s3cret@127.0.0.1:6379/0"
+    second.config["IDENTITY_VERSION_STORE"] = "redis://:other-s3cret@127.0.0.1:6379/1"
+    cache = UserCache(first)  # connects lazily: nothing to reach here
+    try:
+        with pytest.raises(ConfigError, match="IDENTITY_VERSION_STORE") as caught:
+            cache.init_app(second)
+        assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    finally:
+        cache.close()
+
+
+def test_init_app_again_on_the_only_app_still_reconfigures(clock):
+    cache = UserCache(timer=clock)
+    app = Flask(__name__)
+    cache.init_app(app)
+    app.config["IDENTITY_CACHE_TTL"] = 5
+    cache.init_app(app)
+    assert cache.settings["IDENTITY_CACHE_TTL"].value == 5.0
+
+
+def test_an_app_that_was_garbage_collected_no_longer_pins_the_settings(clock):
+    import gc
+
+    cache = UserCache(timer=clock)
+    cache.init_app(Flask("gone"))
+    gc.collect()
+    app = Flask("next")
+    app.config["IDENTITY_CACHE_TTL"] = 5
+    cache.init_app(app)
+    assert cache.settings["IDENTITY_CACHE_TTL"].value == 5.0
+
+
+# -- async loaders ------------------------------------------------------------------------
+
+
+async def async_loader(user_id):
+    return "alice"
+
+
+class AsyncCallable:
+    async def __call__(self, user_id):
+        return "alice"
+
+
+@pytest.mark.parametrize("loader", [async_loader, AsyncCallable()], ids=["async def", "async __call__"])
+def test_cached_refuses_an_async_loader(cache, loader):
+    with pytest.raises(TypeError, match="async loader .*plain def"):
+        cache.cached(loader)
+    with pytest.raises(TypeError, match="async loader"):
+        cache.cached(on_hit=None)(loader)
+
+
+def test_install_refuses_an_async_loader(cache):
+    login_manager = LoginManager()
+    login_manager.user_loader(async_loader)
+    with pytest.raises(TypeError, match="async loader"):
+        cache.install(login_manager)
+    assert login_manager._user_callback is async_loader  # nothing was replaced
+
+
+# -- the local version store's memory --------------------------------------------------
+
+
+def test_local_version_store_memory_stays_bounded_however_many_users_are_invalidated():
+    """200,000 distinct invalidations with max_keys=10,000: memory of ~10,000 counters,
+    not 200,000 (the unbounded store grew by ~88 MB per million)."""
+    import tracemalloc
+
+    store = LocalVersionStore(max_keys=10_000)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for user in range(200_000):
+            store.bump(str(user))
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    print(f"\nLocalVersionStore after 200,000 distinct invalidations: {store.size} counters, +{grown / 1e6:.2f} MB")
+    assert store.size <= 10_000
+    assert grown < 3_000_000  # ~10,000 counters (about 1.5 MB), not 200,000 (about 18 MB)
+
+
+def test_local_version_store_never_returns_to_an_old_stamp_across_generations():
+    store = LocalVersionStore(max_keys=3)
+    history = [store.stamp("a")]
+    for user in ["a", "b", "c", "d", "a", "e", "f", "a", "g"] * 3:  # overflows several times
+        store.bump(user)
+        now = store.stamp("a")
+        if now != history[-1]:
+            assert now not in history
+            history.append(now)
+    assert store.size <= 3
+    assert len(history) > 6
+
+
+def test_a_cached_entry_goes_stale_when_the_store_starts_a_new_generation(clock):
+    store = LocalVersionStore(max_keys=2)
+    cache, users = UserCache(versions=store, timer=clock), Users()
+    cache.get("1", users)
+    for other in ("x", "y", "z"):  # the third distinct key overflows: a new generation
+        cache.invalidate(other)
+    cache.get("1", users)
+    assert users.calls == ["1", "1"]  # reloaded once, as after invalidate_all
+    cache.get("1", users)
+    assert users.calls == ["1", "1"]

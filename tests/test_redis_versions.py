@@ -23,7 +23,7 @@ import pytest
 redis = pytest.importorskip("redis")
 
 from conftest import wait_for  # noqa: E402
-from identity_middleware import ConfigError, RedisVersionStore, UserCache  # noqa: E402
+from identity_middleware import ConfigError, InvalidationUnconfirmed, RedisVersionStore, UserCache  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,13 +83,17 @@ def test_a_fresh_worker_caches_from_its_first_request(make_store):
     assert loads == [1]
 
 
-def test_a_process_that_only_invalidates_starts_no_thread(make_store, shared, redis_prefix):
+def test_a_process_that_only_invalidates_starts_no_thread(make_store, redis_prefix):
     """A gunicorn master seeding users with --preload must have no thread to fork."""
+    witness = synced(make_store())  # another worker: its listener is the one thread
+    one, everyone = witness.stamp("1"), witness.stamp("2")
+    listeners = [t for t in threading.enumerate() if t.name == f"identity-versions[{redis_prefix}]"]
     store = make_store()
-    store.bump("1")
+    store.bump("1")  # returns once the witness acknowledged: no waiting for it here
+    assert witness.stamp("1") != one and witness.stamp("2") == everyone
     store.bump_all()
-    assert shared.get(f"{redis_prefix}v:1") == b"1"
-    assert not [t for t in threading.enumerate() if t.name == f"identity-versions[{redis_prefix}]"]
+    assert witness.stamp("2") != everyone
+    assert [t for t in threading.enumerate() if t.name == f"identity-versions[{redis_prefix}]"] == listeners
 
 
 def test_bump_changes_the_stamp_in_the_bumping_process_before_it_returns(make_store):
@@ -114,17 +118,16 @@ def test_bump_all_changes_every_stamp_before_it_returns(make_store):
         assert store.stamp(key) != stamp
 
 
-def test_counters_live_in_redis_under_the_prefix(make_store, shared, redis_prefix):
-    store = synced(make_store())
-    store.bump("42")
-    store.bump("42")
-    store.bump_all()
-    assert shared.get(f"{redis_prefix}v:42") == b"2"
-    assert shared.get(f"{redis_prefix}gen") == b"1"
-    assert set(shared.scan_iter(match=f"{redis_prefix}*")) == {
-        f"{redis_prefix}v:42".encode(),
-        f"{redis_prefix}gen".encode(),
-    }
+def test_invalidations_leave_no_keys_in_redis(make_store, shared, redis_prefix):
+    """Bounded: 1,000 distinct invalidated users (and a bump_all) leave 0 keys behind --
+    nothing per user is stored, and the acknowledgement lists are consumed."""
+    store, other = synced(make_store()), synced(make_store())
+    for user in range(1_000):
+        store.bump(str(user))
+    other.bump_all()
+    keys = list(shared.scan_iter(match=f"{redis_prefix}*"))
+    print(f"\nkeys under the prefix after 1,000 invalidations: {len(keys)}")
+    assert keys == []
 
 
 def test_a_bump_reaches_another_store_on_the_same_prefix(make_store):
@@ -289,7 +292,9 @@ def test_password_in_the_url(caplog):
                 assert good.wait_synced(10)
                 assert not bad.wait_synced(0.5)  # degraded, not crashed
                 assert bad.stamp("1") != bad.stamp("1")
-                bad.bump("1")  # logs, does not raise
+                with pytest.raises(InvalidationUnconfirmed) as caught:
+                    bad.bump("1")  # degraded: the caller is told, without the password
+                assert "wrong" not in str(caught.value) and "***" in str(caught.value)
             assert "s3cret" not in repr(good) and "wrong" not in repr(bad)
             assert "wrong" not in caplog.text and "s3cret" not in caplog.text
             assert any("cannot reach Redis" in r.getMessage() for r in caplog.records)
@@ -464,3 +469,69 @@ def test_forked_workers_get_their_own_thread_and_connections_and_see_each_other(
             worker.join(timeout=10)
     assert [w.exitcode for w in workers] == [0, 0]
     assert store.synced  # the parent's store is untouched by its children
+
+
+# -- keys of any string, refusals, bounded memory -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["\ud800", "a\udfffb", "user with spaces", "", "\x00", "ünïcødé", "💥", "x" * 10_000],
+    ids=["lone high surrogate", "lone low surrogate", "spaces", "empty", "NUL", "accents", "emoji", "long"],
+)
+def test_any_string_key_is_delivered_and_never_switches_the_store_off(make_store, key):
+    """A lone surrogate (from JSON or a command line) used to make redis-py raise; the store
+    took it for an outage and failed on it at every reconnect, off for good."""
+    sender, receiver = synced(make_store()), synced(make_store())
+    cache = UserCache(versions=receiver, ttl=300)
+    loads = []
+
+    def loader(user_id):
+        loads.append(user_id)
+        return {"id": user_id}
+
+    cache.get(key, loader)
+    cache.get("1", loader)
+    mine, other = receiver.stamp(key), receiver.stamp("1")
+    sender.bump(key)  # returns normally: delivered and acknowledged
+    assert receiver.stamp(key) != mine and receiver.stamp("1") == other  # exactly that key
+    assert sender.synced and receiver.synced
+    cache.get(key, loader)
+    cache.get("1", loader)
+    assert loads == [key, "1", key]  # that user reloaded, the other still a hit
+    UserCache(versions=sender, ttl=300).invalidate(key)  # through the cache too
+    assert receiver.stamp(key) != mine and sender.synced and receiver.synced
+
+
+def test_a_refused_invalidation_fails_alone_at_the_caller():
+    """Redis answers but refuses (here: PUBLISH renamed away, as an ACL would): the caller
+    gets the error, nothing is kept for a replay, and the store stays on."""
+    with RedisServer(extra=("--rename-command", "PUBLISH", "")) as server:
+        store = RedisVersionStore(server.url, prefix="p:")
+        try:
+            synced(store)
+            cache, loads = UserCache(versions=store, ttl=300), []
+            cache.get("1", lambda user_id: loads.append(user_id) or user_id)
+            with pytest.raises(InvalidationUnconfirmed, match="refused") as caught:
+                store.bump("2")
+            assert not caught.value.replayed
+            assert isinstance(caught.value.__cause__, redis.ResponseError)
+            assert store.synced  # not an outage: the mirror is still trusted
+            cache.get("1", lambda user_id: loads.append(user_id) or user_id)
+            assert loads == ["1"]  # hits go on
+        finally:
+            store.close()
+
+
+def test_the_mirror_stays_within_max_keys(make_store):
+    """Bounded: 1,500 distinct invalidations heard, at most max_keys counters mirrored;
+    overflowing starts a new epoch, so a stamp never returns to an old value."""
+    sender, receiver = synced(make_store()), synced(make_store(max_keys=500))
+    first = receiver.stamp("0")
+    most = 0
+    for user in range(1_500):
+        sender.bump(str(user))
+        most = max(most, receiver.mirrored)
+    print(f"\nmirror after 1,500 distinct invalidations: {receiver.mirrored} counters (most {most})")
+    assert most <= 500
+    assert receiver.stamp("0") != first
