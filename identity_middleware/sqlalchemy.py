@@ -260,21 +260,14 @@ class SQLAlchemyBinding:
                 f"the user loader returned {value!r}, which is not persistent "
                 "(pending or transient): only rows loaded from the database can be cached"
             )
-        modified: list[bool] = []
         try:
-            node = self._snapshot(state, self._tree, modified)
+            node = self._snapshot(state, self._tree)
         except DetachedInstanceError as exc:
             raise DetachedInstanceError(
                 f"{exc} -- the user loader returned a detached {self.user_model.__name__} whose "
                 f"{', '.join(self.relationships) or 'columns'} were not loaded; load them before the "
                 "session closes (for example with selectinload) or return an attached instance"
             ) from exc
-        session = state.session
-        if session is not None and (modified or session.info.get(self)):  # changes pending (a _Pending is falsy when empty)
-            # The snapshot may hold changes this transaction has not committed. Its own
-            # caller gets them anyway (its session's view); invalidating now, during the
-            # load, makes the cache drop the entry instead of serving it to others.
-            self.user_cache.invalidate(self._id(state))
         return node
 
     def from_cache(self, stored: _Node | None) -> Any:
@@ -307,10 +300,18 @@ class SQLAlchemyBinding:
     def storable(self, value: Any, stored: Any, token: int) -> bool:
         """Whether the user and every snapshotted row were filled by SQL in a transaction
         that began after ``token`` (module docstring). Called after :meth:`to_cache`."""
-        return self._read_after(instance_state(value), self._tree, token)
+        state = instance_state(value)
+        session = state.session
+        if session is not None and session.info.get(self):  # a _Pending is falsy when empty
+            # This transaction changed watched rows and has not committed: the snapshot
+            # may hold those changes. Its own caller gets them anyway (its session's
+            # view); nobody else may. Refusing here, rather than invalidating during the
+            # load, keeps a Redis outage from blocking or failing the load.
+            return False
+        return self._read_after(state, self._tree, token)
 
     def _read_after(self, state: InstanceState, tree: Mapping[str, dict], token: int) -> bool:
-        if getattr(state, _READ, 0) <= token:
+        if getattr(state, _READ, 0) <= token or state.modified:
             return False
         dict_ = state.dict
         for name, subtree in tree.items():
@@ -355,15 +356,13 @@ class SQLAlchemyBinding:
                 return
         setattr(state, _READ, self._transaction_number(context))
 
-    def _snapshot(self, state: InstanceState, tree: Mapping[str, dict], modified: list[bool]) -> _Node:
+    def _snapshot(self, state: InstanceState, tree: Mapping[str, dict]) -> _Node:
         obj = state.obj()
         dict_ = state.dict
         columns = self._columns_of(state.mapper)
         for key in columns:
             if key not in dict_:
                 getattr(obj, key)  # expired: one refresh loads them all
-        if state.modified:
-            modified.append(True)
         values = {key: dict_[key] for key in columns if key in dict_}
         copied = tuple(key for key, v in values.items() if not isinstance(v, _IMMUTABLE))
         for key in copied:
@@ -376,9 +375,9 @@ class SQLAlchemyBinding:
             for item in loaded if many else ([] if loaded is None else [loaded]):
                 item_state = instance_state(item)
                 if item_state.key is None:
-                    modified.append(True)  # pending, not in the database: not ours to cache
+                    # pending, not in the database: left out here, and storable() refuses it
                     continue
-                nodes.append(self._snapshot(item_state, subtree, modified))
+                nodes.append(self._snapshot(item_state, subtree))
             children.append((name, True, tuple(nodes)) if many else (name, False, nodes[0] if nodes else None))
         identity = state.key
         assert identity is not None  # callers pass persistent rows only (pending ones are skipped)
