@@ -364,6 +364,9 @@ class UserCache:
         self._negative_ttl = settings["IDENTITY_CACHE_NEGATIVE_TTL"].value
         if self._ttl == 0:
             self.clear()
+        from . import log
+
+        log.configured(self, app)  # the settings line (and a Redis check) at construction
 
     @property
     def versions(self) -> VersionStore:
