@@ -61,8 +61,7 @@ class ConfigError(ValueError):
 MASK = "***"
 
 #: Query parameters shown as they are: redis-py's own typed options, none a credential.
-#: Every other parameter (``password``, ``username``, ``ssl_password``, anything
-#: redis-py would pass on to its connection class) keeps its name, not its value.
+#: A credential parameter keeps only its name; any other parameter is masked whole.
 SAFE_QUERY_PARAMETERS = frozenset(
     {
         "db", "socket_timeout", "socket_connect_timeout", "socket_read_size", "socket_keepalive",
