@@ -182,8 +182,8 @@ def _int_at_least_one(raw: Any) -> int:
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _BOOLEAN_EXPECTED = (
-    "on: 1, true, yes or on; off: 0, false, no, off or empty (any case); "
-    "in code also True/False"
+    "1, true, yes or on to turn it on; 0, false, no, off or empty to turn it off "
+    "(any case, surrounding spaces ignored; in code also True/False and 0/1)"
 )
 
 
