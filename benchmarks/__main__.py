@@ -102,8 +102,33 @@ def run_module(name: str, quick: bool) -> Outcome:
 
 
 def _brief(exc: BaseException) -> str:
+    hint = missing_extra_hint(exc)
+    if hint is not None:
+        return hint
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+#: Top-level modules the benchmarks import that only an extra installs.
+EXTRA_OF = {
+    "whitenoise": "bench",
+    "flask_caching": "bench",
+    "flask_sqlalchemy": "bench",
+    "sqlalchemy": "bench",
+    "redis": "bench",
+    "psycopg": "test",
+}
+
+
+def missing_extra_hint(exc: BaseException) -> str | None:
+    """For a benchmark that needs a package nobody installed: which extra brings it."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.partition(".")[0]
+    extra = EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    return f"needs {top}, which is not installed: pip install -e '.[{extra}]'"
 
 
 # -- rows -> table --------------------------------------------------------------------

@@ -458,6 +458,9 @@ class UserCache:
         self._negative_ttl = settings["IDENTITY_CACHE_NEGATIVE_TTL"].value
         if self._ttl == 0:
             self.clear()
+        from . import log
+
+        log.configured(self, app)  # the settings line (and a Redis check) at construction
 
     def _check_shared(self, settings: dict[str, Resolved], other: Flask) -> None:
         """Refuse settings that differ from those the apps already served run with."""

@@ -8,9 +8,15 @@ make every worker forget a user now. The ``identity`` command group answers them
     flask identity check /static/app.css /favicon.ico --method HEAD
     flask identity invalidate 42 17        # or: --all
 
-The group is added to ``app.cli`` when the middleware wraps a Flask app
-(:func:`register`), so ``flask --app ... identity`` and ``app.test_cli_runner()``
-both see it.
+The group reaches the ``flask`` command through the ``flask.commands`` entry
+point the package declares, so ``flask --app ... identity`` works for every app
+-- one with the middleware, one with only a ``UserCache``, or one with neither
+(``status`` then says so). :func:`register` adds it to ``app.cli`` as well, for
+``app.test_cli_runner()`` or a copy of the package that is not installed.
+
+This module reads the app's ``app.extensions`` and never imports the
+middleware: the middleware does not depend on the CLI and the CLI does not
+depend back on it.
 
 ``invalidate`` runs in the CLI's own process. It therefore only makes sense with a
 version store shared between processes (Redis): with the default local store it
@@ -26,7 +32,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from . import log
-from .matching import is_static_endpoint
+from .config import redacted_words
+from .matching import is_flask_static_view
 from .versions import LocalVersionStore
 
 if TYPE_CHECKING:
@@ -36,6 +43,9 @@ __all__ = ["identity", "register"]
 
 #: Seconds ``invalidate`` waits for a Redis version store to confirm its link.
 SYNC_TIMEOUT = 5.0
+
+#: Seconds ``status`` waits for a Redis version store to connect before it reports.
+STATUS_TIMEOUT = 2.0
 
 identity = AppGroup("identity", help="Inspect identity_middleware's decisions and invalidate cached users.")
 
@@ -76,14 +86,14 @@ def status() -> None:
         _echo_mounts(app, middleware)
         _echo_listed(app, middleware)
         _echo_serve_mode(middleware)
+    else:
+        click.echo("\nIdentityMiddleware: not installed (app.wsgi_app is not wrapped)")
 
     click.echo("\nUser cache:")
     if cache is None:
         click.echo("  not installed (app.extensions['identity_cache'] is empty)")
     else:
-        versions = cache.versions
-        scope = "this process only" if isinstance(versions, LocalVersionStore) else "shared"
-        click.echo(f"  version store: {versions!r} ({scope})")
+        _echo_store(cache)
         stats = cache.stats()
         click.echo("  stats in this process: " + " ".join(f"{k}={v}" for k, v in stats._asdict().items()))
 
@@ -93,32 +103,81 @@ def status() -> None:
         click.echo(f"  ! {warning}")
 
 
-def _echo_mounts(app: Flask, middleware: Any) -> None:
-    from .middleware import _static_folder  # here: the middleware module imports this one
+def _echo_store(cache: Any) -> None:
+    """The version store, connected first: "degraded" must mean Redis is really unreachable."""
+    versions = cache.versions
+    if isinstance(versions, LocalVersionStore):
+        click.echo(f"  version store: {versions!r} (this process only)")
+        return
+    wait_synced = getattr(versions, "wait_synced", None)
+    if not callable(wait_synced):  # a custom store: nothing to connect
+        click.echo(f"  version store: {redacted_words(repr(versions))} (shared)")
+        return
+    connected = wait_synced(STATUS_TIMEOUT)
+    click.echo(f"  version store: {redacted_words(repr(versions))} (shared)")
+    if connected:
+        click.echo("  link: connected from this process; invalidations reach every worker")
+        return
+    setting = cache.settings.get("IDENTITY_VERSION_STORE")
+    url = setting.value if setting is not None and isinstance(setting.value, str) else None
+    reason = log.probe_version_store(url) if url else None
+    click.echo(
+        f"  link: not connected after {STATUS_TIMEOUT:g} s"
+        + (f" ({reason})" if reason else "")
+        + "; while Redis is unreachable, workers load every user from the database"
+    )
 
+
+def _echo_mounts(app: Flask, middleware: Any) -> None:
     classifier = middleware.classifier
-    click.echo("\nStatic mounts (static when the URL map routes the path to the static endpoint):")
+    click.echo("\nStatic mounts (static when the URL map routes a GET to Flask's own static view):")
     if not classifier.mounts:
         click.echo("  (none)")
     for prefix, endpoint in classifier.mounts.items():
-        folder = _static_folder(app, endpoint)
+        folder = _folder_of(app, endpoint)
         click.echo(f"  {prefix:<24} -> {endpoint:<20} folder {folder or '(none)'}")
         for rule in app.url_map.iter_rules():
-            if rule.rule.startswith(prefix) and not is_static_endpoint(rule.endpoint):
-                click.echo(f"      not static: {rule.rule} (dynamic view {rule.endpoint!r} shadows the mount)")
+            if not rule.rule.startswith(prefix) or not _answers_get(rule):
+                continue
+            if rule.endpoint == endpoint and is_flask_static_view(app, endpoint):
+                continue
+            if rule.endpoint == endpoint:
+                why = f"endpoint {endpoint!r} is not Flask's own static view"
+            else:
+                why = f"dynamic view {rule.endpoint!r} shadows the mount"
+            click.echo(f"      not static: {rule.rule} ({why})")
     for prefix, folder in (getattr(middleware, "static_dirs", None) or {}).items():
         click.echo(f"  {prefix:<24} -> {'(static_dirs)':<20} folder {folder}")
 
 
 def _echo_listed(app: Flask, middleware: Any) -> None:
-    click.echo("\nListed paths (static on the owner's word):")
+    click.echo("\nListed paths (static on the owner's word, for GET and HEAD):")
     coverage = log.listed_coverage(app, middleware.listed)
     if not coverage:
         click.echo("  (none)")
-    for path, endpoints in coverage.items():
+    for path, rules in coverage.items():
         kind = "prefix" if path.endswith("/") else "exact"
-        served = ", ".join(endpoints) if endpoints else "no route (404 unless serve mode has the file)"
-        click.echo(f"  {path:<24} {kind:<6} covers {served}")
+        if not rules:
+            click.echo(f"  {path:<24} {kind:<6} no route (404 unless serve mode has the file)")
+            continue
+        views = [r for r in rules if not is_flask_static_view(app, r.endpoint)]
+        covered = ", ".join(dict.fromkeys(r.endpoint for r in rules))
+        note = " -- sees an anonymous user on GET and HEAD" if views else ""
+        click.echo(f"  {path:<24} {kind:<6} covers {covered}{note}")
+
+
+def _answers_get(rule: Any) -> bool:
+    return rule.methods is None or bool(rule.methods & {"GET", "HEAD"})
+
+
+def _folder_of(app: Flask, endpoint: str) -> str | None:
+    """The folder a static endpoint serves, for display."""
+    if endpoint == "static":
+        return app.static_folder if app.has_static_folder else None
+    blueprint = app.blueprints.get(endpoint.rpartition(".")[0])
+    if blueprint is None or not blueprint.has_static_folder:
+        return None
+    return blueprint.static_folder
 
 
 def _echo_serve_mode(middleware: Any) -> None:
@@ -138,20 +197,50 @@ def _echo_serve_mode(middleware: Any) -> None:
 # -- check --------------------------------------------------------------------------
 
 
+def _checked_path(path: str) -> str:
+    """The path as a request's PATH_INFO would carry it, or a usage error saying why not."""
+    if "://" in path or path.startswith("//"):
+        raise click.BadParameter(
+            f"{path!r} is a URL; give its path only, e.g. '/static/app.css' "
+            "(use --host for apps whose URL map matches hosts)",
+            param_hint="PATH",
+        )
+    if not path.startswith("/"):
+        raise click.BadParameter(
+            f"{path!r} does not start with '/'; paths are checked as requests carry them, "
+            f"e.g. '/{path}'",
+            param_hint="PATH",
+        )
+    if "?" in path or "#" in path:
+        raise click.BadParameter(
+            f"{path!r} has a query or fragment; give the path without '?...' or '#...'",
+            param_hint="PATH",
+        )
+    return path
+
+
 @identity.command("check")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--method", "-m", default="GET", show_default=True, help="HTTP method of the request.")
 @click.option("--host", default=None, help="Host header, for apps whose URL map matches hosts.")
 def check(paths: tuple[str, ...], method: str, host: str | None) -> None:
-    """Say whether each PATH would be static (skip identity), and why."""
+    """Say whether each PATH would be static (skip identity), and why.
+
+    PATH is a request path as the server passes it to the app ('/static/app.css'),
+    not a URL. Exits 0 when every PATH is static, 1 when any is not, 2 on a bad PATH.
+    """
+    for path in paths:
+        _checked_path(path)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     middleware = _middleware(app)
     if middleware is None:
         raise click.ClickException(
             "IdentityMiddleware does not wrap this app's wsgi_app: no request is static"
         )
+    all_static = True
     for path in paths:
         decision = middleware.explain(path, method, host=host)
+        all_static = all_static and decision.marked
         verdict = "static" if decision.marked else "not static"
         details = []
         if decision.mount:
@@ -162,6 +251,8 @@ def check(paths: tuple[str, ...], method: str, host: str | None) -> None:
             details.append(f"endpoint {decision.endpoint}")
         suffix = f" [{'; '.join(details)}]" if details else ""
         click.echo(f"{path!r} {decision.method}: {verdict} -- {decision.reason}{suffix}")
+    if not all_static:
+        click.get_current_context().exit(1)
 
 
 # -- invalidate ---------------------------------------------------------------------

@@ -141,14 +141,14 @@ class IdentityMiddleware:
 
             flask_hooks.verify_internals()  # a missing internal fails here, at startup
             self.app.extensions["identity_middleware"] = self
-            from . import cli
-
-            cli.register(self.app)  # `flask identity ...`
             timing.install(self.app, enabled=self._debug_headers)
             # Routes, blueprints and extensions may still be added after wrapping;
             # the classifier and the hooks are built on the first request.
             self._classifier = None
             self._ready = False
+        from . import log
+
+        log.configured(self)  # the settings line, at construction
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if not self._ready:
@@ -193,7 +193,7 @@ class IdentityMiddleware:
         self._classifier, self._files = classifier, files
         from . import log
 
-        log.startup(self)  # one INFO line per app with the effective settings
+        log.first_request(self, classifier)  # mounts and route warnings, once routes are known
 
     def _static_files(self, classifier: Classifier) -> Callable[..., Any]:
         """Serve mode's file index, over the mounts no app code keeps from being served."""

@@ -522,6 +522,8 @@ class RedisVersionStore:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "synced" if self.synced else "degraded"
+        if state == "degraded" and self._thread is None:
+            state = "not yet used"  # the listener starts on first use in each process
         return f"<RedisVersionStore {self._url} prefix={self._prefix!r} {state}>"
 
     def _reset_process_state(self) -> None:

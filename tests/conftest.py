@@ -3,6 +3,10 @@
 Service fixtures (PostgreSQL, Redis) skip with a one-line reason on a machine
 without the service, and fail instead when ``CI=true``: in CI a skipped service
 test would hide a broken feature.
+
+``IDENTITY_TEST_POSTGRES`` (an SQLAlchemy URL of a database the tests may create
+databases from) and ``IDENTITY_TEST_REDIS`` (a Redis URL) point the tests at other
+servers; the reachability check looks at the host and port of those URLs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import event
@@ -28,6 +33,12 @@ def unavailable(reason: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: fails instead of skipping)")
     pytest.skip(reason)
+
+
+def service_address(url: str, default_port: int) -> tuple[str, int]:
+    """``(host, port)`` of a service URL, as the reachability check needs it."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
 
 
 def require_service(name: str, host: str, port: int) -> None:
@@ -109,7 +120,7 @@ def engine(example_app):
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
-    require_service("PostgreSQL", "127.0.0.1", 5432)
+    require_service("PostgreSQL", *service_address(POSTGRES_ADMIN_URL, 5432))
     import sqlalchemy as sa
 
     name = f"im_test_{uuid.uuid4().hex[:12]}"
@@ -127,7 +138,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def redis_url() -> str:
     """The shared Redis. Tests use a unique key prefix and never flush it."""
-    require_service("Redis", "127.0.0.1", 6379)
+    require_service("Redis", *service_address(REDIS_URL, 6379))
     return REDIS_URL
 
 

@@ -18,6 +18,7 @@ from identity_middleware import cli
 from identity_middleware.log import multi_process_server
 
 REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(cli.__file__).resolve().parent  # the installed package in CI's wheel run
 
 
 @pytest.fixture
@@ -71,12 +72,44 @@ def test_status_shows_mounts_shadowing_views_and_listed_paths(app):
     assert "<LocalVersionStore" in output and "this process only" in output
 
 
-def test_status_warns_about_a_listed_path_served_by_a_view(app):
+def test_status_shows_the_view_an_exact_listed_path_makes_anonymous_without_warning(app):
+    """README's own example lists /favicon.ico, a dynamic view, on purpose: no warning for it."""
     output = run(app, "status").output
+    assert "/favicon.ico" in output and "exact  covers favicon -- sees an anonymous user on GET and HEAD" in output
     warnings = output.split("Warnings:", 1)[1]
-    assert "listed path /favicon.ico is served by the dynamic view 'favicon'" in warnings
-    assert "Flask-Login" not in warnings and "Flask-Principal" not in warnings
-    assert "local to each process" not in warnings
+    assert warnings.strip() == "none"
+
+
+def _prefix_app(static_paths):
+    from identity_middleware import IdentityMiddleware
+
+    app = Flask(__name__)
+    app.add_url_rule("/assets/manifest.json", "manifest", lambda: "{}")
+    app.add_url_rule("/assets/me.json", "me", lambda: "{}")
+    app.add_url_rule("/assets/upload", "upload", lambda: "", methods=["POST"])
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=static_paths)  # type: ignore[method-assign]
+    cli.register(app)
+    return app
+
+
+def test_status_warns_when_a_listed_prefix_covers_dynamic_views_naming_each_once():
+    warnings = run(_prefix_app(["/assets/"]), "status").output.split("Warnings:", 1)[1]
+    assert (
+        "listed prefix /assets/ also covers the dynamic views 'manifest' (/assets/manifest.json) "
+        "and 'me' (/assets/me.json): GET and HEAD requests to it skip identity" in warnings
+    )
+    assert "upload" not in warnings  # POST-only: never static, never affected
+
+
+def test_status_warns_in_the_singular_for_one_dynamic_view():
+    app = Flask(__name__)
+    app.add_url_rule("/assets/manifest.json", "manifest", lambda: "{}")
+    from identity_middleware import IdentityMiddleware
+
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=["/assets/"])  # type: ignore[method-assign]
+    cli.register(app)
+    warnings = run(app, "status").output.split("Warnings:", 1)[1]
+    assert "also covers the dynamic view 'manifest' (/assets/manifest.json): GET and HEAD" in warnings
 
 
 def test_status_warns_about_a_local_store_with_several_workers(app, monkeypatch):
@@ -127,7 +160,9 @@ def test_check_a_static_path_names_the_mount_and_endpoint(app):
 
 
 def test_check_a_shadowed_path_names_the_rule(app):
-    output = run(app, "check", "/static/config.js").output
+    result = run(app, "check", "/static/config.js")
+    assert result.exit_code == 1  # not static: a script can test the verdict
+    output = result.output
     assert output.startswith("'/static/config.js' GET: not static -- shadowed by rule '/static/config.js'")
     assert "config_js" in output
 
@@ -140,7 +175,9 @@ def test_check_non_canonical_paths_name_the_failed_check(app):
 
 
 def test_check_listed_path_method_and_dynamic_page(app):
-    output = run(app, "check", "/favicon.ico", "/", "/static-reports").output.splitlines()
+    result = run(app, "check", "/favicon.ico", "/", "/static-reports")
+    assert result.exit_code == 1  # one of them is not static
+    output = result.output.splitlines()
     assert output[0] == "'/favicon.ico' GET: static -- listed path [listed /favicon.ico]"
     assert output[1] == "'/' GET: not static -- not under a static mount or a listed path"
     assert output[2].startswith("'/static-reports' GET: not static")
@@ -154,6 +191,27 @@ def test_check_needs_the_middleware():
     result = run(bare, "check", "/static/app.css")
     assert result.exit_code != 0
     assert "IdentityMiddleware does not wrap" in result.output
+
+
+def test_check_exits_zero_only_when_every_path_is_static(app):
+    assert run(app, "check", "/static/app.css", "/favicon.ico").exit_code == 0
+    assert run(app, "check", "/static/app.css", "/static/config.js").exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("argument", "says"),
+    [
+        ("static/app.css", "'static/app.css' does not start with '/'; paths are checked as requests carry them, e.g. '/static/app.css'"),
+        ("https://example.com/static/app.css", "is a URL; give its path only, e.g. '/static/app.css'"),
+        ("//cdn.example.com/static/app.css", "is a URL; give its path only"),
+        ("/static/app.css?v=3", "has a query or fragment; give the path without"),
+    ],
+)
+def test_check_refuses_what_is_not_a_request_path_and_says_what_to_give(app, argument, says):
+    result = run(app, "check", argument)
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split())
+    assert "not under a static mount" not in result.output
 
 
 # -- invalidate ---------------------------------------------------------------------
@@ -260,3 +318,112 @@ def test_invalidate_through_redis_reaches_a_cache_in_another_process(app, redis_
         other.stdin.close()
         other.wait(timeout=10)
     assert other.returncode == 0
+
+
+# -- status tells the truth about the version store ----------------------------------
+
+
+def test_status_connects_a_healthy_redis_store_before_calling_it_anything(sqlite_url, redis_url, redis_prefix, monkeypatch):
+    """The listener starts on first use; status must not call an unused, healthy store degraded."""
+    monkeypatch.setenv("IDENTITY_VERSION_STORE", redis_url)
+    monkeypatch.setenv("IDENTITY_VERSION_PREFIX", redis_prefix)
+    from examples.app import create_app
+
+    app = create_app(sqlite_url)
+    cli.register(app)
+    store = app.extensions["identity_cache"].versions
+    assert "not yet used" in repr(store)  # nothing connected yet: and the repr says so
+    try:
+        output = run(app, "status").output
+    finally:
+        store.close()
+    assert "degraded" not in output
+    assert "synced> (shared)" in output
+    assert "link: connected from this process" in output
+
+
+def test_status_says_why_an_unreachable_redis_store_is_not_connected(sqlite_url, redis_prefix, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("IDENTITY_VERSION_STORE", f"redis://:hunter2@127.0.0.1:{port}/0?password=hunter2")
+    monkeypatch.setenv("IDENTITY_VERSION_PREFIX", redis_prefix)
+    monkeypatch.setattr(cli, "STATUS_TIMEOUT", 0.3)
+    from examples.app import create_app
+
+    app = create_app(sqlite_url)
+    cli.register(app)
+    store = app.extensions["identity_cache"].versions
+    try:
+        output = run(app, "status").output
+    finally:
+        store.close()
+    assert "link: not connected after 0.3 s (ConnectionError" in output
+    assert "workers load every user from the database" in output
+    assert f"redis://***@127.0.0.1:{port}/0?password=***" in output
+    assert "hunter2" not in output
+
+
+# -- the command exists for every app, through the flask.commands entry point ----------
+
+CACHE_ONLY_APP = textwrap.dedent(
+    """
+    from flask import Flask
+    from flask_login import LoginManager
+    from identity_middleware import UserCache
+
+    app = Flask("cache_only")
+    LoginManager(app)
+    user_cache = UserCache(app)
+    """
+)
+
+
+def _flask_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "cache_only.py").write_text(CACHE_ONLY_APP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    env.pop("FLASK_APP", None)
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "cache_only", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_flask_identity_exists_for_an_app_with_only_a_user_cache(tmp_path):
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="flask.commands")}
+    assert names.get("identity") == "identity_middleware.cli:identity", (
+        "the flask.commands entry point is not installed: pip install -e '.[test]'"
+    )
+    result = _flask_cli(tmp_path, "identity", "status")
+    assert result.returncode == 0, result.stderr
+    assert "identity_middleware status for app 'cache_only'" in result.stdout
+    assert "IdentityMiddleware: not installed" in result.stdout
+    assert "IDENTITY_CACHE_TTL" in result.stdout and "<LocalVersionStore" in result.stdout
+    assert "IdentityMiddleware does not wrap this app's wsgi_app" in result.stdout
+
+
+def test_registering_the_group_twice_changes_nothing(app):
+    cli.register(app)
+    cli.register(app)
+    assert list(app.cli.commands).count("identity") == 1
+
+
+def test_middleware_does_not_import_the_cli_or_the_cli_the_middleware():
+    """No import circle: the CLI and the logging read app.extensions, not the middleware module."""
+    import ast
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.add(node.module or "")
+                names.update(alias.name for alias in node.names if node.module is None)
+        return names
+
+    assert "cli" not in imported("middleware")
+    assert "middleware" not in imported("cli")
+    assert "middleware" not in imported("log")
+    assert "cli" not in imported("log")

@@ -109,3 +109,70 @@ def test_a_bad_redis_url_is_reported_without_its_password(app):
         resolve_one("IDENTITY_VERSION_STORE", None, app, environ={"IDENTITY_VERSION_STORE": raw})
     assert "hunter2" not in str(info.value)
     assert "IDENTITY_VERSION_STORE" in str(info.value) and "cache.example" in str(info.value)
+
+
+def test_switch_error_lists_every_spelling_it_accepts(app):
+    with pytest.raises(ConfigError) as info:
+        resolve_one("IDENTITY_SERVE_STATIC", None, app, environ={"IDENTITY_SERVE_STATIC": "maybe"})
+    message = str(info.value)
+    for spelling in ("1, true, yes or on", "0, false, no, off or empty"):
+        assert spelling in message
+    assert "expected 0 or 1" not in message
+
+
+@pytest.mark.parametrize(("raw", "value"), [("YES", True), ("On", True), ("no", False), ("", False), ("FALSE", False)])
+def test_switches_accept_what_the_message_says(app, raw, value):
+    assert resolve_one("IDENTITY_DEBUG_HEADERS", None, app, environ={"IDENTITY_DEBUG_HEADERS": raw}).value is value
+
+
+def test_environment_static_paths_extend_the_argument(app):
+    resolved = resolve_one("IDENTITY_STATIC_PATHS", ["/favicon.ico"], app, environ={"IDENTITY_STATIC_PATHS": "/robots.txt,/favicon.ico"})
+    assert resolved.value == ("/favicon.ico", "/robots.txt")
+    assert resolved.source == "argument + environment"
+
+
+def test_environment_static_paths_extend_app_config(app):
+    app.config["IDENTITY_STATIC_PATHS"] = "/favicon.ico"
+    resolved = resolve_one("IDENTITY_STATIC_PATHS", None, app, environ={"IDENTITY_STATIC_PATHS": "/assets/"})
+    assert (resolved.value, resolved.source) == (("/favicon.ico", "/assets/"), "app.config + environment")
+
+
+def test_environment_static_paths_alone_are_the_list(app):
+    resolved = resolve_one("IDENTITY_STATIC_PATHS", None, app, environ={"IDENTITY_STATIC_PATHS": "/assets/"})
+    assert (resolved.value, resolved.source) == (("/assets/",), "environment")
+
+
+def test_environment_still_replaces_a_single_value_setting_without_reading_the_code_value(app):
+    resolved = resolve_one("IDENTITY_CACHE_TTL", "not a number", app, environ={"IDENTITY_CACHE_TTL": "5"})
+    assert (resolved.value, resolved.source) == (5.0, "environment")
+
+
+def test_a_bad_static_path_names_the_path_and_the_problem(app):
+    with pytest.raises(ConfigError) as info:
+        resolve_one("IDENTITY_STATIC_PATHS", None, app, environ={"IDENTITY_STATIC_PATHS": "/favicon.ico,assets/"})
+    assert "('assets/' does not start with '/')" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:6379/notadb", "the database must be a number after the port, like /0, not '/notadb'"),
+        ("redis://127.0.0.1:99999/0", "the port must be a number from 1 to 65535"),
+        ("redis://127.0.0.1:0/0", "the port must be a number from 1 to 65535"),
+        ("redis:///0", "the URL names no host"),
+        ("http://127.0.0.1:6379/0", "the URL must start with redis://, rediss:// or unix://"),
+        ("unix://run/redis.sock", "a unix:// URL must name an absolute socket path"),
+        ("redis://127.0.0.1:6379/0?db=x", "the db query parameter must be a number"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "redis-py: Invalid value for "),  # names socket_timeout
+        ("redis://:abc/def@127.0.0.1:6379/0", "a '/', '?', '#' or '@' in the user name or password must be percent-encoded"),
+        ("redis://:abc#def@127.0.0.1:6379/0", "must be percent-encoded"),
+        ("redis://:abc?def@127.0.0.1:6379/0", "must be percent-encoded"),
+    ],
+)
+def test_a_bad_redis_url_says_which_part_is_wrong(app, url, problem):
+    with pytest.raises(ConfigError) as info:
+        resolve_one("IDENTITY_VERSION_STORE", url, app, environ={})
+    assert problem in str(info.value)
+    for secret in ("abc", "def"):
+        if "@" in url:
+            assert secret not in str(info.value) and secret not in repr(info.value.value)

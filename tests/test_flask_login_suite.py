@@ -14,8 +14,9 @@ Both runs list ``/static/`` as a static path, so the suite's own static tests
 the middleware's static branch.
 
 The sdist is downloaded once with pip (so the machine's index settings and
-certificates apply) and the extracted ``tests/`` folder is kept in a cache
-directory. Without network the test skips, except in CI where it fails.
+certificates apply) and the extracted ``tests/`` folder is kept in
+``.test-downloads/`` at the top of the checkout (git-ignored; nothing is written
+to the home directory). Without network the test skips, except in CI where it fails.
 """
 
 from __future__ import annotations
@@ -40,19 +41,23 @@ REPO = HERE.parent
 COMPAT = HERE / "compat"
 FLASK_LOGIN_VERSION = version("Flask-Login")
 MIN_TESTS = 50
+#: Git-ignored; a fresh clone (or an unpacked sdist) downloads once into its own copy.
+DOWNLOADS = REPO / ".test-downloads"
 
 
 def _cache_root() -> Path:
+    """Where the downloaded suite is kept: inside the checkout, never in the user's home.
+
+    ``IDENTITY_COMPAT_CACHE_DIR`` overrides it; a read-only checkout falls back to
+    the temporary directory.
+    """
     configured = os.environ.get("IDENTITY_COMPAT_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    root = Path(base) / "identity_middleware"
+    root = Path(configured) if configured else DOWNLOADS
     try:
         root.mkdir(parents=True, exist_ok=True)
         return root
     except OSError:
-        return Path(tempfile.gettempdir()) / "identity_middleware-cache"
+        return Path(tempfile.gettempdir()) / "identity_middleware-test-downloads"
 
 
 def _extract_tests(sdist: Path, target: Path) -> None:
@@ -81,7 +86,7 @@ def suite_dir() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
              f"Flask-Login=={FLASK_LOGIN_VERSION}", "--dest", tmp, "--quiet"],
             capture_output=True, text=True, timeout=180,
         )

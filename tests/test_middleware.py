@@ -260,8 +260,9 @@ def test_settings_resolve_environment_over_argument_over_app_config(tmp_path, mo
     monkeypatch.setenv("IDENTITY_STATIC_PATHS", "/from-env.ico,/env/")
     monkeypatch.setenv("IDENTITY_DEBUG_HEADERS", "0")
     middleware = IdentityMiddleware(app.wsgi_app, ["/from-argument.ico"], debug_headers=True)
-    assert middleware.listed == ("/from-env.ico", "/env/")
-    assert middleware.settings["IDENTITY_STATIC_PATHS"].source == "environment"
+    # The environment extends the code's list (an operator adding a path keeps the others).
+    assert middleware.listed == ("/from-argument.ico", "/from-env.ico", "/env/")
+    assert middleware.settings["IDENTITY_STATIC_PATHS"].source == "argument + environment"
     assert middleware.settings["IDENTITY_DEBUG_HEADERS"].value is False
 
 

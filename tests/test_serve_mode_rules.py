@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from identity_middleware import ConfigError, IdentityMiddleware, static_safe
+from identity_middleware import ConfigError, IdentityMiddleware, cli, static_safe
 from identity_middleware.serve_rules import SAFE_HOOKS_SETTING, plan
 from servers import fetch, serving
 
@@ -340,13 +340,14 @@ def test_startup_line_and_status_say_per_mount_whether_it_is_served(
 ) -> None:
     app = blueprint_gate(_folders(tmp_path))
     app.wsgi_app = IdentityMiddleware(app.wsgi_app, serve_static=True)  # type: ignore[method-assign]
+    cli.register(app)  # `flask` itself finds the group through the flask.commands entry point
     status = app.test_cli_runner().invoke(args=["identity", "status"]).output
     assert "/static/ (static): served before Flask" in status
     assert "/admin/static/ (admin.static): not served before Flask -- before_request " in status
     assert "admins_only of blueprint 'admin'" in status
     with caplog.at_level(logging.INFO, logger="identity_middleware"):
         app.test_client().get("/static/app.css")
-    started = [r.getMessage() for r in caplog.records if "identity_middleware started" in r.getMessage()]
+    started = [r.getMessage() for r in caplog.records if "URL map read" in r.getMessage()]
     assert len(started) == 1
     assert "/static/ (static): served before Flask" in started[0]
     assert "/admin/static/ (admin.static): not served before Flask" in started[0]
@@ -355,6 +356,7 @@ def test_startup_line_and_status_say_per_mount_whether_it_is_served(
 def test_status_says_serve_mode_is_off(tmp_path: Any) -> None:
     app = _plain(tmp_path)
     app.wsgi_app = IdentityMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    cli.register(app)
     assert "Serve mode (IDENTITY_SERVE_STATIC): off" in app.test_cli_runner().invoke(args=["identity", "status"]).output
 
 

@@ -1,8 +1,10 @@
 """The package ships ``py.typed``, so its annotations are a promise: mypy must pass.
 
-mypy runs the way a contributor runs it -- ``python -m mypy identity_middleware`` from
+mypy runs the way a contributor runs it -- ``python -m mypy -p identity_middleware`` from
 the repository root, with the ``[mypy]`` settings in setup.cfg -- in a subprocess, so
-its import machinery never touches this process. Its cache goes to a temporary
+its import machinery never touches this process. ``-p`` checks the package Python
+would import: the checkout's, or, in CI's run from the unpacked sdist (which has no
+package folder), the installed wheel -- so the wheel's ``py.typed`` is checked too. Its cache goes to a temporary
 directory, which keeps the checkout clean (a cold run takes a few seconds).
 
 Without mypy installed the tests skip with a reason; in CI (``CI=true``) they fail,
@@ -43,7 +45,7 @@ def _mypy(cache: Path, *targets: str) -> tuple[int, str]:
 
 
 def test_package_type_checks_clean(mypy_cache):
-    returncode, output = _mypy(mypy_cache, "identity_middleware")
+    returncode, output = _mypy(mypy_cache, "-p", "identity_middleware")
     assert returncode == 0, output
     assert "Success" in output, output
 
