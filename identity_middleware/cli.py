@@ -34,7 +34,7 @@ from flask.cli import AppGroup
 from . import log
 from .config import redacted_words
 from .matching import is_flask_static_view
-from .versions import LocalVersionStore
+from .versions import InvalidationUnconfirmed, LocalVersionStore
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -287,13 +287,16 @@ def invalidate(user_ids: tuple[str, ...], everyone: bool) -> None:
             f"the version store {versions!r} is not connected after {SYNC_TIMEOUT:g} s; "
             "nothing was invalidated"
         )
-    if everyone:
-        cache.invalidate_all()
-    else:
-        for user_id in user_ids:
-            cache.invalidate(user_id)
-    # A Redis store never raises from a bump: it degrades and would replay the bump
-    # after reconnecting -- which this short-lived process will not live to do.
+    try:
+        if everyone:
+            cache.invalidate_all()
+        else:
+            for user_id in user_ids:
+                cache.invalidate(user_id)
+    except InvalidationUnconfirmed as exc:
+        # Redis did not confirm: the store would replay the bump after reconnecting,
+        # which this short-lived process will not live to do.
+        raise click.ClickException(f"{exc}; run the command again") from None
     if getattr(versions, "synced", True) is False:
         raise click.ClickException(
             f"the link to the version store {versions!r} was lost while invalidating; "

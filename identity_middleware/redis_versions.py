@@ -81,7 +81,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Hashable
 
 from .config import SETTINGS, ConfigError, redacted_url
-from .versions import DEFAULT_MAX_KEYS, InvalidationUnconfirmed, _generations
+from .versions import DEFAULT_MAX_KEYS, InvalidationUnconfirmed, _generations, key_label
 
 if TYPE_CHECKING:
     import redis
@@ -392,7 +392,7 @@ class RedisVersionStore:
                 "%.1f s more, after which none of them trusts its cached stamps any more",
                 missing,
                 receivers,
-                _what(key),
+                key_label(key),
                 self._confirm_timeout,
                 self._channel,
                 max(wait, 0.0),
@@ -438,7 +438,7 @@ class RedisVersionStore:
                 f"resynchronises; {then} a process that still reaches Redis may serve the old entry"
             )
         return InvalidationUnconfirmed(
-            f"invalidation of {_what(key)} through Redis at {self._url} is not confirmed ({why}). "
+            f"invalidation of {key_label(key)} through Redis at {self._url} is not confirmed ({why}). "
             f"This process no longer serves the old entry; {others}",
             key=key,
             replayed=replayed,
@@ -708,7 +708,7 @@ class RedisVersionStore:
                         "Redis at %s refused the replay of the invalidation of %s (%r); "
                         "invalidating every user instead",
                         self._url,
-                        _what(key),
+                        key_label(key),
                         exc,
                     )
                     break
@@ -779,10 +779,6 @@ class RedisVersionStore:
         # How long one wait for a message lasts: bounds close() latency and heartbeat
         # precision without waking more than a few times per second.
         return min(0.1, self._heartbeat)
-
-
-def _what(key: str | None) -> str:
-    return "all users" if key is None else f"user {key!r}"
 
 
 def _make_client(url_or_client: Any, socket_timeout: float, *, retries: int = 1) -> tuple[Any, str, bool]:

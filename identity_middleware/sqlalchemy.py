@@ -85,6 +85,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committ
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from .config import ConfigError
+from .versions import key_label
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState, SessionTransaction
@@ -583,7 +584,8 @@ class SQLAlchemyBinding:
         try:
             invalidate(*args)
         except Exception:
-            log.exception("identity cache invalidation after commit failed: %s%r", invalidate.__name__, args)
+            what = key_label(str(args[0])) if args else key_label(None)
+            log.exception("identity cache invalidation of %s after commit failed", what)
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -18,11 +18,25 @@ instead of growing.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 from typing import Hashable, Protocol, runtime_checkable
 
-__all__ = ["VersionStore", "LocalVersionStore", "InvalidationUnconfirmed", "DEFAULT_MAX_KEYS"]
+__all__ = ["VersionStore", "LocalVersionStore", "InvalidationUnconfirmed", "DEFAULT_MAX_KEYS", "key_label"]
+
+
+def key_label(key: str | None) -> str:
+    """How logs and messages name an invalidated key: a short digest, never the id itself.
+
+    A cache key is whatever id Flask-Login passes; with Flask-Security-Too that is
+    ``fs_uniquifier``, a token that must not reach a log. An operator who knows the
+    id can still find its line: the label is the first 8 hex digits of its BLAKE2b.
+    """
+    if key is None:
+        return "all users"
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+    return f"user #{digest}"
 
 #: Per-user counters a store keeps before it starts a new generation instead.
 DEFAULT_MAX_KEYS = 100_000
