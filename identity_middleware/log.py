@@ -137,7 +137,7 @@ def config_warnings(app: Flask | None, middleware: Any = None, cache: Any = None
                 if dynamic:
                     warnings.append(
                         f"listed path {path} is served by the dynamic view "
-                        f"{', '.join(map(repr, dynamic))}: it always sees an anonymous user"
+                        f"{', '.join(map(repr, dynamic))}: it loads identity only when that view asks for it"
                     )
     versions = getattr(cache, "versions", None)
     if isinstance(versions, LocalVersionStore):

@@ -19,8 +19,10 @@ Wrap ``app.wsgi_app`` itself, before any middleware that rewrites the path
 ``PATH_INFO`` Flask routes. Wrapped around another middleware, this one does
 not know the Flask app and falls back to listed paths only.
 
-Listed paths are trusted: a listed path is anonymous even if a dynamic view
-serves it. Never list a page that needs the logged-in user.
+A marked request does no identity work *eagerly*; code that asks for
+``current_user``, the session or the identity gets the real one, loaded on
+demand (:mod:`identity_middleware.flask_hooks`). So a mark, even on a listed
+path a dynamic view serves, only ever saves work.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from flask import Flask
 
 from . import config, timing
 from .config import ConfigError
-from .flask_hooks import MARK
+from .flask_hooks import MARK, MARKED_PATH, is_marked
 from .matching import Classifier, Decision, text_path_problem
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["IdentityMiddleware", "is_static_request", "MARK"]
+__all__ = ["IdentityMiddleware", "is_static_request", "MARK", "MARKED_PATH"]
 
 _SETTINGS = ("IDENTITY_STATIC_PATHS", "IDENTITY_SERVE_STATIC", "IDENTITY_DEBUG_HEADERS")
 
@@ -67,8 +69,9 @@ class IdentityMiddleware:
     Settings resolve as environment > argument > ``app.config`` > default,
     at construction; a bad value raises :class:`ConfigError` then.
 
-    Environ keys written: ``identity_middleware.static`` (``True`` on static
-    requests, absent otherwise).
+    Environ keys written on static requests (absent otherwise):
+    ``identity_middleware.static`` (``True``) and
+    ``identity_middleware.static_path`` (the ``PATH_INFO`` classified).
     """
 
     __slots__ = (
@@ -140,6 +143,7 @@ class IdentityMiddleware:
             _log.debug("%s %r static=%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), marked)
         if marked:
             environ[MARK] = True
+            environ[MARKED_PATH] = environ.get("PATH_INFO")
             if self._files is not None:
                 return self._serve(environ, start_response)
         return self.wsgi_app(environ, start_response)
@@ -215,7 +219,7 @@ class IdentityMiddleware:
 
 
 def is_static_request(environ: WSGIEnvironment | None = None) -> bool:
-    """True when the middleware marked the request as static.
+    """True when the middleware marked the request as static (and its path is unchanged).
 
     Without an argument, reads the current Flask request; outside a request
     it returns False.
@@ -226,7 +230,7 @@ def is_static_request(environ: WSGIEnvironment | None = None) -> bool:
         if not has_request_context():
             return False
         environ = request.environ
-    return environ.get(MARK) is True
+    return is_marked(environ)
 
 
 def _flask_app_of(wsgi_app: Any) -> Flask | None:

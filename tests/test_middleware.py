@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, jsonify
 from werkzeug.test import EnvironBuilder
 
 from identity_middleware import ConfigError, IdentityMiddleware, is_static_request
-from identity_middleware.flask_hooks import MARK, skip_identity_for_static_requests
+from identity_middleware.flask_hooks import MARK, MARKED_PATH, SAFE_ATTRIBUTE
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_static_files_and_listed_paths_are_marked_and_load_no_identity(app, sess
     before = (stats.loader_calls, stats.identity_loaded_calls)
     with count_sql(stats.engine) as statements:
         environ, status, headers, body = raw_request(app, path, method, session_cookie)
-    assert environ.get(MARK) is True
+    assert environ.get(MARK) is True and environ[MARKED_PATH] == environ["PATH_INFO"]
     assert status.startswith("200")
     assert (stats.loader_calls, stats.identity_loaded_calls) == before
     assert statements == []
@@ -152,7 +152,7 @@ def test_is_static_request_reads_the_mark_from_an_environ_or_the_current_request
     client.get("/page")
     assert seen == [True, False]
     assert is_static_request() is False  # outside any request
-    assert is_static_request({MARK: True}) is True
+    assert is_static_request({MARK: True, MARKED_PATH: "/a.css", "PATH_INFO": "/a.css"}) is True
     assert is_static_request({}) is False
 
 
@@ -236,8 +236,11 @@ def test_first_requests_in_parallel_install_the_hooks_once(app, session_cookie):
     for thread in threads:
         thread.join()
     assert results == [True] * 8
-    assert app.before_request_funcs[None].count(skip_identity_for_static_requests) == 1
-    assert app.before_request_funcs[None][0] is skip_identity_for_static_requests
+    hooks = app.before_request_funcs[None] + app.after_request_funcs[None]
+    assert [getattr(f, "__wrapped__", f).__name__ for f in hooks if getattr(f, SAFE_ATTRIBUTE, False)] == [
+        "_on_before_request",
+        "_update_remember_cookie",
+    ]
     assert app.extensions["example"].loader_calls == 0
 
 
