@@ -311,6 +311,10 @@ class Classifier:
         None to use the listed paths only.
     :param listed: exact paths and prefixes ending in ``/`` that are static
         on the owner's word.
+    :param host_as_seen: False when a middleware between the classifier and
+        Flask may change the request's host (``ProxyFix(x_host=...)``): then a
+        host- or subdomain-matching URL map confirms no mount, because the
+        host seen here need not be the one Flask routes on.
     """
 
     __slots__ = (
@@ -322,6 +326,7 @@ class Classifier:
         "_mount_prefixes",
         "_prefixes",
         "_host_sensitive",
+        "_host_as_seen",
         "_adapter",
         "_confirm",
         "_confirm_host",
@@ -329,8 +334,9 @@ class Classifier:
         "_memos",
     )
 
-    def __init__(self, app: Flask | None = None, listed: Iterable[str] = ()) -> None:
+    def __init__(self, app: Flask | None = None, listed: Iterable[str] = (), *, host_as_seen: bool = True) -> None:
         self.app = app
+        self._host_as_seen = host_as_seen
         self.listed = tuple(dict.fromkeys(listed))
         self.mounts: Mapping[str, str] = static_mounts(app) if app is not None else {}
         self._exact = frozenset(_to_wsgi(p) for p in self.listed if not p.endswith("/"))
@@ -452,6 +458,13 @@ class Classifier:
             return self._confirm(path, method)
         if environ is None:
             return (False, "the URL map matches hosts and no request host is known", None, None)
+        if not self._host_as_seen:
+            return (
+                False,
+                "the URL map matches hosts and a middleware inside IdentityMiddleware may change the host",
+                None,
+                None,
+            )
         # Only these fields of the environ take part in host matching, so they
         # (not the environ, which holds the request body) are the cache key.
         return self._confirm_host(
