@@ -222,7 +222,7 @@ def _principal_class_problems(cls: type) -> list[str]:
 
 
 def _unwrapped(function: Any) -> Any:
-    return function.__wrapped__ if getattr(function, SAFE_ATTRIBUTE, False) else function
+    return getattr(function, "__wrapped__", function) if getattr(function, SAFE_ATTRIBUTE, False) else function
 
 
 def principals_of(app: Flask) -> list[Any]:

@@ -422,3 +422,29 @@ def test_behind_a_wrapper_a_host_matching_map_marks_only_listed_paths(tmp_path):
     assert "may change the host" in middleware.classifier.explain("/static/app.css", environ=environ).reason
     # Wrapped directly, the host seen is the host Flask routes on: confirmed.
     assert IdentityMiddleware(app.wsgi_app).classifier.classify(environ)
+
+
+def test_server_timing_of_a_marked_request_that_loads_the_user_names_the_cache_outcome(sqlite_url):
+    from examples.app import create_app
+    from flask_login import current_user
+
+    from conftest import log_in
+
+    app = create_app(sqlite_url, config={"IDENTITY_DEBUG_HEADERS": True})
+
+    @app.after_request
+    def audit(response):
+        if request.path.startswith("/widgets/"):
+            response.headers["X-User"] = current_user.get_id() or "anonymous"
+        return response
+
+    client = log_in(app.test_client())
+    app.extensions["example"].user_cache.invalidate_all()
+
+    def desc(path):
+        [value] = [v for v in client.get(path).headers.getlist("Server-Timing") if v.startswith("identity;")]
+        return value.split('"')[1]
+
+    assert desc("/static/app.css") == "static"  # nothing asked
+    assert desc("/widgets/static/widget.css") == "miss"  # the audit hook asked: loaded on demand
+    assert desc("/widgets/static/widget.css") == "hit"
