@@ -588,6 +588,9 @@ class StaticAwareSessionInterface(SessionInterface):
         return self.__wrapped__.save_session(app, session, response)
 
 
+#: The name this class had before it was public (kept for code written against it).
+_StaticAwareSessionInterface = StaticAwareSessionInterface
+
 # SessionInterface's own attributes would shadow __getattr__: forward each of them too.
 for _name in vars(SessionInterface):
     if not _name.startswith("__") and _name not in vars(StaticAwareSessionInterface):

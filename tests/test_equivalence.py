@@ -339,7 +339,8 @@ def test_unobserved_assets_of_the_example_app_run_no_sql(sqlite_url):
 def test_several_wrapped_apps_in_one_process_each_match_their_bare_twin(root):
     pairs = []
     for customisations in (("login_gate",), ("audit_header", "early_observers"), ("permission_gate",)):
-        bare, wrapped = build(root, customisations, wrapped=False), build(root, customisations, wrapped=True, cache=True)
+        bare = build(root, customisations, wrapped=False)
+        wrapped = build(root, customisations, wrapped=True, cache=True)
         pairs.append((client_for(bare, "staff"), client_for(wrapped, "staff"), wrapped))
     for path, headers in REQUESTS:  # interleaved: each request goes to every app in turn
         for bare_client, wrapped_client, wrapped in pairs:

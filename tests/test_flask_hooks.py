@@ -582,7 +582,7 @@ def test_two_principals_on_a_marked_request_load_in_order_on_first_use(tmp_path)
         second.identity_loader(lambda: Identity("from-second"))
 
         @app.get("/listed/who")
-        def who():
+        def who(app=app):
             return jsonify(identity=str(g.identity.id), calls=app.extensions["calls"]["identity_loaded"])
 
         client = app.test_client()
@@ -618,7 +618,7 @@ def test_identity_changed_during_a_static_request_works_as_in_the_bare_app(tmp_p
         app = make_app(tmp_path / wrap, wrap=wrap)
 
         @app.get("/listed/switch")
-        def switch():
+        def switch(app=app):
             identity_changed.send(app, identity=Identity("99"))
             return jsonify(identity=str(g.identity.id), cls=type(g.identity).__name__)
 

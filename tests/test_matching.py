@@ -515,5 +515,7 @@ def test_hostile_path_strategy_reaches_marked_and_shadowed_paths(app):
 
     classifier = Classifier(app, ("/favicon.ico", "/assets/"))
     search = settings(max_examples=5000, database=None)
-    assert find(hostile_paths(), lambda p: classifier.classify(environ(p)) and p.startswith("/widgets/"), settings=search)
+    assert find(
+        hostile_paths(), lambda p: classifier.classify(environ(p)) and p.startswith("/widgets/"), settings=search
+    )
     assert find(hostile_paths(), lambda p: "shadowed" in classifier.explain(p).reason, settings=search)
