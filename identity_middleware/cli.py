@@ -162,7 +162,7 @@ def _echo_listed(app: Flask, middleware: Any) -> None:
             continue
         views = [r for r in rules if not is_flask_static_view(app, r.endpoint)]
         covered = ", ".join(dict.fromkeys(r.endpoint for r in rules))
-        note = " -- sees an anonymous user on GET and HEAD" if views else ""
+        note = " -- a view: identity loads only when it asks, on GET and HEAD" if views else ""
         click.echo(f"  {path:<24} {kind:<6} covers {covered}{note}")
 
 

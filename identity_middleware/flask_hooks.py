@@ -1,86 +1,125 @@
-"""Flask-side hooks: a request the middleware marked as static skips identity.
+"""Flask-side hooks: a marked request does no identity work until something asks.
 
-Flask-Login loads the user lazily, the first time ``current_user`` is
-touched; Flask-Principal loads an identity in a ``before_request`` function
-and sends ``identity_loaded`` (whose usual handler touches ``current_user``);
-Flask adds ``Vary: Cookie`` to every response whose session was read and
-``Set-Cookie`` to every response whose session was written. For a static file
-all of that is waste: two SQL queries and an uncacheable response.
+The promise (DESIGN §5.0): wrapping an app changes nothing any of its code can
+observe. On a request the middleware marked as static, nothing identity-related
+runs *eagerly* -- no session cookie decode, no user or request loader, no
+Principal identity load, no ``identity_loaded``, no ``Set-Cookie``, no
+``Vary: Cookie`` -- but the moment any code asks (reads ``current_user``, the
+``session`` or ``g.identity``, checks a ``Permission``), it gets the real answer,
+loaded on demand exactly as the bare app would load it. A login gate in
+``before_request``, a static view wrapped in ``login_required``, an
+``after_request`` that records the user, a ``url_value_preprocessor`` or a
+``request_started`` receiver that touches ``current_user``: each sees what it
+would see without the middleware. Only work whose result nothing reads is
+skipped, so a wrong mark can cost speed but never change an answer.
 
-Neither extension offers a public hook to opt a request out, so we use the
-seams their code has, and check at startup that those seams are still there
-(:func:`verify_internals`) -- with another version of Flask-Login,
-Flask-Principal or Flask we refuse to start rather than silently doing
-nothing. The seams (Flask-Login 0.6.3, Flask-Principal 0.4.0, Flask 3.x):
+How each piece is made lazy (Flask 3.0-3.2, Flask-Login 0.6.3, Flask-Principal 0.4):
 
-* Flask-Login's ``_get_user`` calls the loaders only when ``g`` has no
-  ``_login_user``. Our ``before_request`` function, kept first in the app's
-  list, sets it to the anonymous user on a marked request: no user loader,
-  request loader, header loader or remember-cookie loader runs.
-* Flask-Principal's ``_on_before_request`` and ``_on_identity_changed`` return
-  early when ``self._is_static_route()`` is true. Each Principal instance of
-  the app gets an instance attribute that is also true for marked requests
-  (its ``skip_static`` keeps its own meaning): no identity loader, no
-  ``identity_loaded``, no session saver. We set ``g.identity`` to an
-  ``AnonymousIdentity`` ourselves, so ``Permission.require()`` still works.
-* Flask opens the session in ``RequestContext.push``, before any
-  ``before_request`` function -- for a logged-in user that is a signature check
-  and a JSON decode of the cookie (~45 us of a ~190 us static request on the
-  benchmark machine) or a round trip to a server-side store -- and saves it afterwards unless the session interface's ``is_null_session``
-  says it is null. :func:`install` wraps ``app.session_interface`` in a
-  delegating interface whose ``open_session`` gives a marked request a fresh,
-  empty session of a subclass of the interface's ``null_session_class`` that
-  accepts writes, without reading the cookie; its ``is_null_session`` is true
-  for that session, so it is never saved -- no ``Set-Cookie``, no
-  ``Vary: Cookie``, and no error when something writes to it. Everything else
-  (``save_session``, cookie settings, attributes of the wrapped interface) is
-  the wrapped interface's own. If ``app.session_interface`` is replaced after
-  installation, our ``before_request`` function swaps the already opened session
-  for such an empty one, so the request is just as safe, only not as cheap.
+* **The session.** Flask opens the session before any app code runs. The app's
+  session interface is wrapped (:class:`StaticAwareSessionInterface`); for a
+  marked request its ``open_session`` returns a :class:`LazySession` that
+  opens the wrapped interface's real session (cookie decode, server-side
+  lookup) the first time anything reads or writes it, and forwards everything
+  to it from then on -- ``isinstance`` included. A session never opened is
+  null: never saved, so no ``Set-Cookie`` and no ``Vary: Cookie``. One that was
+  opened is saved by the wrapped interface exactly as in the bare app. Unmarked
+  requests go straight to the wrapped interface.
+* **The user.** Flask-Login is lazy already: ``current_user`` calls the loaders
+  the first time it is touched. We leave it alone. Its ``after_request``
+  function (``_update_remember_cookie``) reads the session on every request to
+  maintain the remember cookie; on a marked request whose session has not been
+  opened when it runs, our replacement skips it (the upkeep nobody asked for,
+  and the cookie decode it would cost). If app code opened the session, it runs
+  as in the bare app.
+* **The identity.** Flask-Principal loads an identity in a ``before_request``
+  function. Our replacement, on a marked request, only records that the load
+  is due. ``g`` is an instance of the app's ``app_ctx_globals_class`` (a
+  documented Flask setting), which :func:`install` extends: the first time
+  anything reads ``g.identity`` (directly, through ``Permission``/
+  ``IdentityContext``, ``hasattr``, ``g.get``, ``in``, or by iterating ``g``),
+  Principal's own load runs -- its loaders, ``set_identity``,
+  ``identity_loaded`` and its savers -- and the reader gets the real identity
+  object, of its real type. We chose this over a stand-in object (a
+  ``LocalProxy`` in ``g.identity``) because ``type()`` and ``is`` cannot be
+  forwarded by a proxy. ``identity_changed`` (a login on a marked request) is
+  left untouched and works as in the bare app; an identity set by the app
+  before anything read the deferred one simply wins, as it would. Where
+  Principal's own ``skip_static`` skips the request, ``g.identity`` stays unset
+  as it would. If the app's ``g`` class is not derived from Flask's, or is
+  replaced after installation, Principal loads eagerly (correct, only not lazy).
 
-A static request's session is therefore always empty: a static file or an
-owner-listed path needs no session data, and with no ``_user_id`` in it
-nothing (Flask-Login's remember-cookie refresh, for one) acts on the user's
-behalf. Writes to it are accepted and dropped.
+The seams (private names of Flask-Login and Flask-Principal we find and replace
+by name, and the shape of Flask's ``g`` class) are checked at startup by
+:func:`verify_internals`: with a version that lacks one we refuse to start
+rather than silently doing nothing. Flask is used through its public API
+(``SessionInterface``, ``app_ctx_globals_class``, ``flask.request``, ``g``,
+the hook lists), none of it deprecated in Flask 3.2; ``flask.globals.request_ctx``
+and ``RequestContext``, deprecated there, are not used.
 
-Unmarked requests are untouched: our session interface hands them to the
-wrapped one and our ``before_request`` function returns at once.
+Every function of ours that sits in an app's hook lists carries the attribute
+``_identity_middleware_static_safe = True`` (serve mode reads it: such a function
+changes nothing a static file's answer depends on) and ``__wrapped__`` for the
+function it replaces.
+
+What stays different, by design (DESIGN §5.0): on a marked request whose
+session nothing read, no ``Set-Cookie``/``Vary: Cookie`` (Principal's saver and
+Flask-Login's remember-cookie refresh merely restate the session); and
+``identity_loaded`` receivers and loaders run only when something reads the
+identity, so a receiver that counts calls sees fewer.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import importlib.metadata
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from flask import g, has_request_context
+from flask import Flask, g, has_request_context, request
 from flask.sessions import SessionInterface
-from flask_principal import AnonymousIdentity
 
 if TYPE_CHECKING:
-    from flask import Flask, Request
-    from flask.ctx import RequestContext
+    from _typeshed.wsgi import WSGIEnvironment
+    from flask import Request, Response
+    from flask.ctx import _AppCtxGlobals
     from flask.sessions import SessionMixin
-    from werkzeug.local import LocalProxy
-
-    class _FlaskGlobals:
-        """How we use ``flask.globals``: Flask annotates its proxies as the objects they
-        stand for, but we call the proxy's own ``_get_current_object``."""
-
-        request_ctx: LocalProxy[RequestContext]
-
-    _flask_globals: _FlaskGlobals
 else:
-    # The module, not the name: request_ctx is looked up per call, so a Flask without
-    # it fails in verify_internals() with its message, not with an ImportError here.
-    import flask.globals as _flask_globals
+    # Flask's own class for ``g``, through the public setting rather than its private name.
+    _AppCtxGlobals = Flask.app_ctx_globals_class
 
-__all__ = ["MARK", "install", "principals_of", "verify_internals"]
+__all__ = [
+    "MARK",
+    "MARKED_PATH",
+    "SAFE_ATTRIBUTE",
+    "LazySession",
+    "StaticAwareSessionInterface",
+    "install",
+    "is_marked",
+    "principals_of",
+    "verify_internals",
+]
 
-#: The environ key the middleware sets on static requests.
+#: The environ key the middleware sets (to ``True``) on static requests.
 MARK = "identity_middleware.static"
 
-_WRAPPED = "__identity_middleware_wrapped__"
+#: The environ key holding the ``PATH_INFO`` the middleware classified. A mark
+#: counts only while ``PATH_INFO`` still equals it, so a middleware between
+#: ours and Flask that rewrites the path turns the mark off instead of
+#: applying it to a path nobody classified.
+MARKED_PATH = "identity_middleware.static_path"
+
+#: Set to ``True`` on every function of ours in an app's hook lists.
+SAFE_ATTRIBUTE = "_identity_middleware_static_safe"
+
+#: The environ key where a marked request keeps its :class:`LazySession`.
+_LAZY_SESSION = "identity_middleware.lazy_session"
+
+#: ``g`` attribute: Principal loads deferred on this request, in registration order.
+_PENDING = "_identity_middleware_pending_identity"
+
+
+def is_marked(environ: WSGIEnvironment) -> bool:
+    """True when the middleware marked this request and nothing rewrote its path since."""
+    return environ.get(MARK) is True and environ.get(MARKED_PATH) == environ.get("PATH_INFO")
 
 
 # -- startup checks -----------------------------------------------------------------
@@ -104,7 +143,7 @@ def _names_in(function: Any) -> frozenset[str]:
 def _fail(package: str, distribution: str, missing: list[str]) -> None:
     if missing:
         raise RuntimeError(
-            f"identity_middleware cannot skip identity loading for static requests with "
+            f"identity_middleware cannot defer identity loading for static requests with "
             f"{package} {_version(distribution)}: "
             + "; ".join(missing)
             + ". It relies on these internals (checked at startup so it never silently "
@@ -115,38 +154,33 @@ def _fail(package: str, distribution: str, missing: list[str]) -> None:
 def verify_internals() -> None:
     """Raise RuntimeError unless every internal the hooks rely on has the expected shape."""
     import flask
-    import flask.globals
+    import flask.ctx
     import flask.sessions
-    from flask.ctx import RequestContext
 
     flask_missing = []
-    if not hasattr(flask.globals, "request_ctx"):
-        flask_missing.append("flask.globals.request_ctx is missing")
-    if _session_attribute(RequestContext) is None:
-        flask_missing.append("RequestContext keeps its session in neither '_session' nor 'session'")
-    null_class = getattr(flask.sessions.SessionInterface, "null_session_class", None)
-    if not (isinstance(null_class, type) and issubclass(null_class, dict)):
-        flask_missing.append("SessionInterface.null_session_class is not a dict subclass")
     for name in ("open_session", "save_session", "is_null_session", "make_null_session"):
         if not callable(getattr(flask.sessions.SessionInterface, name, None)):
             flask_missing.append(f"SessionInterface.{name} is missing")
     if "is_null_session" not in _names_in(getattr(flask.Flask, "process_response", None)):
         flask_missing.append("Flask.process_response no longer asks is_null_session before saving")
+    globals_class = getattr(flask.Flask, "app_ctx_globals_class", None)
+    if not isinstance(globals_class, type):
+        flask_missing.append("Flask.app_ctx_globals_class is missing")
+    else:
+        for name in ("__getattr__", "get", "pop", "setdefault", "__contains__", "__iter__"):
+            if not callable(getattr(globals_class, name, None)):
+                flask_missing.append(f"Flask.app_ctx_globals_class.{name} is missing")
+    if "app_ctx_globals_class" not in _names_in(flask.ctx.AppContext.__init__):
+        flask_missing.append("AppContext no longer builds g from app.app_ctx_globals_class")
     _fail("Flask", "flask", flask_missing)
 
     login_missing = []
     try:
-        import flask_login.utils
         from flask_login import LoginManager
     except ImportError:  # pragma: no cover - a hard dependency
         login_missing.append("flask_login cannot be imported")
     else:
-        if "_login_user" not in _names_in(getattr(flask_login.utils, "_get_user", None)):
-            login_missing.append("flask_login.utils._get_user does not read g._login_user")
-        if not callable(getattr(LoginManager, "_load_user", None)):
-            login_missing.append("LoginManager._load_user is missing")
-        if "_load_user" not in _names_in(getattr(flask_login.utils, "_get_user", None)):
-            login_missing.append("flask_login.utils._get_user does not call _load_user")
+        login_missing.extend(_login_class_problems(LoginManager))
     _fail("Flask-Login", "flask-login", login_missing)
 
     principal_missing = []
@@ -159,30 +193,36 @@ def verify_internals() -> None:
     _fail("Flask-Principal", "flask-principal", principal_missing)
 
 
+def _login_class_problems(cls: type) -> list[str]:
+    method = getattr(cls, "_update_remember_cookie", None)
+    if not callable(method):
+        return [f"{cls.__qualname__}._update_remember_cookie is missing"]
+    if "session" not in _names_in(method):
+        return [f"{cls.__qualname__}._update_remember_cookie no longer reads the session"]
+    return []
+
+
 def _principal_class_problems(cls: type) -> list[str]:
     problems = []
     if not callable(getattr(cls, "_is_static_route", None)):
         problems.append(f"{cls.__qualname__}._is_static_route is missing")
-    for name in ("_on_before_request", "_on_identity_changed"):
-        method = getattr(cls, name, None)
-        if not callable(method):
-            problems.append(f"{cls.__qualname__}.{name} is missing")
-        elif "_is_static_route" not in _names_in(method):
-            problems.append(f"{cls.__qualname__}.{name} no longer consults _is_static_route")
+    method = getattr(cls, "_on_before_request", None)
+    if not callable(method):
+        problems.append(f"{cls.__qualname__}._on_before_request is missing")
+    else:
+        names = _names_in(method)
+        if "_is_static_route" not in names:
+            problems.append(f"{cls.__qualname__}._on_before_request no longer consults _is_static_route")
+        if "identity" not in names:
+            problems.append(f"{cls.__qualname__}._on_before_request no longer sets g.identity")
     return problems
 
 
-@functools.lru_cache(maxsize=None)
-def _session_attribute(ctx_class: type[Any]) -> str | None:
-    """Where a request context stores its session: '_session' (Flask 3.1) or 'session' (3.0)."""
-    if isinstance(getattr(ctx_class, "session", None), property):
-        return "_session" if "_session" in _names_in(ctx_class.__init__) else None
-    if "session" in _names_in(ctx_class.__init__):
-        return "session"
-    return None
-
-
 # -- installation ---------------------------------------------------------------------
+
+
+def _unwrapped(function: Any) -> Any:
+    return getattr(function, "__wrapped__", function) if getattr(function, SAFE_ATTRIBUTE, False) else function
 
 
 def principals_of(app: Flask) -> list[Any]:
@@ -192,7 +232,7 @@ def principals_of(app: Flask) -> list[Any]:
     found: list[Any] = []
     for functions in app.before_request_funcs.values():
         for function in functions:
-            owner = getattr(function, "__self__", None)
+            owner = getattr(_unwrapped(function), "__self__", None)
             if isinstance(owner, Principal) and owner not in found:
                 found.append(owner)
     return found
@@ -202,125 +242,305 @@ def install(app: Flask) -> None:
     """Install the hooks on ``app``; idempotent, so it can run again after changes.
 
     Called by the middleware on the first request, when every extension has
-    been initialised. Works on the lists directly, so it is allowed then.
+    been initialised. Works on the hook lists directly (``app.before_request``
+    refuses once the app has served a request), replacing each extension's own
+    function in place, so the order of the app's hooks is unchanged.
     """
+    from flask_login import LoginManager
+    from flask_principal import Principal
+
     verify_internals()
-    manager = getattr(app, "login_manager", None)
-    if manager is not None and not callable(getattr(manager, "anonymous_user", None)):
-        _fail("Flask-Login", "flask-login", ["LoginManager.anonymous_user is missing"])
     _wrap_session_interface(app)
-    for principal in principals_of(app):
-        _fail("Flask-Principal", "flask-principal", _principal_class_problems(type(principal)))
-        _wrap_principal(principal)
-    functions = app.before_request_funcs.setdefault(None, [])
-    while skip_identity_for_static_requests in functions:
-        functions.remove(skip_identity_for_static_requests)
-    functions.insert(0, skip_identity_for_static_requests)
+    _wrap_globals_class(app)
+    before: list[Any]
+    for before in app.before_request_funcs.values():
+        for index, function in enumerate(list(before)):
+            owner = getattr(function, "__self__", None)
+            if isinstance(owner, Principal) and getattr(function, "__name__", "") == "_on_before_request":
+                _fail("Flask-Principal", "flask-principal", _principal_class_problems(type(owner)))
+                before[index] = _lazy_identity_hook(function)
+    after: list[Any]
+    for after in app.after_request_funcs.values():
+        for index, hook in enumerate(list(after)):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, LoginManager) and getattr(hook, "__name__", "") == "_update_remember_cookie":
+                _fail("Flask-Login", "flask-login", _login_class_problems(type(owner)))
+                after[index] = _remember_cookie_hook(hook)
 
 
-def _wrap_principal(principal: Any) -> None:
-    current = principal.__dict__.get("_is_static_route")
-    if getattr(current, _WRAPPED, False):
-        return
-    original: Callable[[], bool] = principal._is_static_route
-
-    def _is_static_route() -> bool:
-        if has_request_context() and _flask_globals.request_ctx._get_current_object().request.environ.get(MARK):
-            return True
-        return original()
-
-    setattr(_is_static_route, _WRAPPED, True)
-    principal._is_static_route = _is_static_route
+# -- the identity (Flask-Principal) -----------------------------------------------------
 
 
-# -- the request hook -----------------------------------------------------------------
+def _lazy_identity_hook(load: Callable[[], Any]) -> Callable[[], None]:
+    """Principal's ``before_request`` function, deferred on marked requests."""
+    principal = load.__self__  # type: ignore[attr-defined]
 
-
-def skip_identity_for_static_requests() -> None:
-    """First ``before_request`` function: on a marked request, identity is anonymous."""
-    # Proxies are resolved once: this runs on every request, static or not.
-    ctx = _flask_globals.request_ctx._get_current_object()
-    if not ctx.request.environ.get(MARK):
+    def defer_identity_for_static_requests() -> None:
+        environ = request.environ
+        if not is_marked(environ):
+            load()
+            return None
+        if principal._is_static_route():  # Principal's own skip_static: it loads nothing
+            return None
+        state = g._get_current_object()
+        if not isinstance(state, _DeferredIdentityGlobals):
+            load()  # app_ctx_globals_class replaced after install: correct, only not lazy
+            return None
+        attributes = vars(state)
+        attributes.pop("identity", None)  # Principal would overwrite it; a stale one must not show
+        pending = attributes.get(_PENDING)
+        if pending is None or pending[0] is not environ:
+            attributes[_PENDING] = (environ, [load])
+        else:
+            pending[1].append(load)  # a second Principal on the same app
         return None
-    app = ctx.app
-    _replace_session(ctx, app)
-    state = g._get_current_object()
-    manager = getattr(app, "login_manager", None)
-    if manager is not None:
-        state._login_user = manager.anonymous_user()
-    state.identity = AnonymousIdentity()
-    return None
+
+    defer_identity_for_static_requests.__wrapped__ = load  # type: ignore[attr-defined]
+    setattr(defer_identity_for_static_requests, SAFE_ATTRIBUTE, True)
+    return defer_identity_for_static_requests
 
 
-# -- sessions of static requests --------------------------------------------------------
+def _load_deferred_identity(state: Any) -> None:
+    """Run the Principal loads deferred on this request, unless something set g.identity since."""
+    attributes = vars(state)
+    pending = attributes.pop(_PENDING, None)
+    if pending is None or "identity" in attributes:
+        return  # nothing deferred, or the app (identity_changed, set_identity) set it: keep that
+    environ, loads = pending
+    if not has_request_context() or request.environ is not environ:
+        return  # the request that deferred it is gone
+    # Principal's own before_request bodies, in order: each sets g.identity, runs
+    # the loaders, set_identity, identity_loaded and the savers.
+    for load in loads:
+        load()
 
 
-class _StaticSession:
-    """Base of every static-request session class: lets a check be one ``isinstance``."""
+class _DeferredIdentityGlobals(_AppCtxGlobals):
+    """``g`` of a wrapped app: ``g.identity`` is loaded by Principal when first read.
 
-    __slots__ = ()
+    Mixed into the app's own ``app_ctx_globals_class`` (a documented Flask
+    setting), so ``g`` keeps every behaviour of the app's class. Every way of
+    observing the attribute -- reading it, ``hasattr``, ``g.get``, ``in``,
+    iterating ``g`` -- runs the deferred load first, so it sees the real
+    identity object, of its real type. Nothing else changes: an attribute
+    other than ``identity`` costs one string comparison more.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+            try:
+                return vars(self)["identity"]
+            except KeyError:
+                pass
+        return super().__getattr__(name)
+
+    def get(self, name: str, default: Any | None = None) -> Any:
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+        return super().get(name, default)
+
+    def pop(self, name: str, *default: Any) -> Any:
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+        return super().pop(name, *default)
+
+    def setdefault(self, name: str, default: Any = None) -> Any:
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+        return super().setdefault(name, default)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+        super().__delattr__(name)
+
+    def __contains__(self, item: str) -> bool:
+        if item == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+        return super().__contains__(item)
+
+    def __iter__(self) -> Iterator[str]:
+        if _PENDING in vars(self):
+            _load_deferred_identity(self)
+        return super().__iter__()
 
 
-_session_classes: dict[type, type] = {}
+_globals_classes: dict[type, type] = {}
 
 
-def _static_session_class(null_class: type) -> type:
-    """A subclass of the app's null session class that accepts writes and is never saved."""
-    cls = _session_classes.get(null_class)
+def _wrap_globals_class(app: Flask) -> None:
+    base = app.app_ctx_globals_class
+    if issubclass(base, _DeferredIdentityGlobals):
+        return
+    if not issubclass(base, _AppCtxGlobals):
+        return  # a g class of the app's own design: Principal keeps loading eagerly
+    cls = _globals_classes.get(base)
     if cls is None:
-        if not issubclass(null_class, dict):
-            raise RuntimeError(
-                f"identity_middleware needs the session interface's null_session_class to be "
-                f"a dict subclass; {null_class.__qualname__} is not"
-            )
-        writable = {
-            name: getattr(dict, name)
-            for name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "update", "setdefault")
-        }
-        writable["__doc__"] = "Session of a static request: empty, writable, never saved."
-        cls = type(f"StaticRequest{null_class.__name__}", (null_class, _StaticSession), writable)
-        cls()  # fails here, at startup, if the class cannot be built without arguments
-        _session_classes[null_class] = cls
-    return cls
+        cls = type(base.__name__, (_DeferredIdentityGlobals, base), {"__module__": base.__module__})
+        _globals_classes[base] = cls
+    app.app_ctx_globals_class = cls  # type: ignore[assignment]
 
 
-def _replace_session(ctx: Any, app: Flask) -> None:
-    """Fallback for an interface set after :func:`install`: drop the session it opened."""
-    # Annotated as plain ``type``: mypy does not see ``type[Any]`` as Hashable, which
-    # lru_cache asks of its arguments (python/mypy#11470).
-    ctx_class: type = type(ctx)
-    attribute = _session_attribute(ctx_class) or "_session"
-    if isinstance(ctx.__dict__.get(attribute), _StaticSession):
-        return  # opened by our interface: nothing was read, nothing to drop
-    setattr(ctx, attribute, _static_session_class(app.session_interface.null_session_class)())
+# -- the remember cookie (Flask-Login) ----------------------------------------------------
+
+
+def _remember_cookie_hook(update: Callable[[Response], Any]) -> Callable[[Response], Any]:
+    """Flask-Login's ``after_request`` function, skipped while a marked session is unopened."""
+
+    def maintain_remember_cookie_unless_unobserved(response: Response) -> Any:
+        lazy = request.environ.get(_LAZY_SESSION)
+        if lazy is not None and not lazy.opened:
+            return response  # upkeep nobody asked for: no cookie decode, no session access
+        return update(response)
+
+    maintain_remember_cookie_unless_unobserved.__wrapped__ = update  # type: ignore[attr-defined]
+    setattr(maintain_remember_cookie_unless_unobserved, SAFE_ATTRIBUTE, True)
+    return maintain_remember_cookie_unless_unobserved
+
+
+# -- the session ----------------------------------------------------------------------------
+
+
+class LazySession:
+    """A marked request's session: opened by the wrapped interface on first use.
+
+    Until then it holds no data and has read no cookie. Any read, write,
+    iteration, ``isinstance`` check or attribute access (``permanent``,
+    ``modified``, ``new``) opens the real session and is forwarded to it, so
+    code sees exactly the session the bare app would have given it. The one
+    exception is ``accessed``, which Flask 3.1+ sets on every resolution of
+    ``flask.session``: before opening it is only recorded (and handed to the
+    real session when it opens), because setting a flag reads nothing.
+    """
+
+    __slots__ = ("_interface", "_app", "_request", "_real", "_accessed")
+
+    def __init__(self, interface: SessionInterface, app: Flask, request: Request) -> None:
+        object.__setattr__(self, "_interface", interface)
+        object.__setattr__(self, "_app", app)
+        object.__setattr__(self, "_request", request)
+        object.__setattr__(self, "_real", None)
+        object.__setattr__(self, "_accessed", False)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the real session has been opened (something used the session)."""
+        return self._real is not None
+
+    def _open(self) -> SessionMixin:
+        real = self._real
+        if real is None:
+            interface = self._interface
+            real = interface.open_session(self._app, self._request)
+            if real is None:
+                real = interface.make_null_session(self._app)
+            if self._accessed:
+                real.accessed = True
+            if self._real is None:  # another thread (copy_current_request_context) may have won
+                object.__setattr__(self, "_real", real)
+            real = self._real
+        return real  # type: ignore[no-any-return]
+
+    # Special methods are looked up on the type, so each one is forwarded here.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(session, SecureCookieSession) as in the bare app
+        return type(self._open())
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "accessed" and self._real is None:
+            return self._accessed
+        return getattr(self._open(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "accessed" and self._real is None:
+            object.__setattr__(self, "_accessed", bool(value))
+        else:
+            setattr(self._open(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._open(), name)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._open()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._open()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._open()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._open()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._open())
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._open())  # type: ignore[call-overload,no-any-return]
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __bool__(self) -> bool:
+        return bool(self._open())
+
+    def __eq__(self, other: object) -> bool:
+        return self._open() == other
+
+    def __ne__(self, other: object) -> bool:
+        return self._open() != other
+
+    __hash__ = None  # type: ignore[assignment]  # a session is a mutable mapping
+
+    def __or__(self, other: Any) -> Any:
+        return self._open() | other  # type: ignore[operator]
+
+    def __ror__(self, other: Any) -> Any:
+        return other | self._open()
+
+    def __ior__(self, other: Any) -> LazySession:
+        self._open().update(other)
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self._open())
+
+    def __dir__(self) -> list[str]:
+        return dir(self._open())
+
+    def __copy__(self) -> Any:
+        return copy.copy(self._open())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self._open(), memo)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self._open().__reduce_ex__(protocol)
 
 
 def _wrap_session_interface(app: Flask) -> None:
-    interface = app.session_interface
-    if isinstance(interface, _StaticAwareSessionInterface):
-        interface = interface.__wrapped__
-    else:
-        app.session_interface = _StaticAwareSessionInterface(interface)
-    _static_session_class(interface.null_session_class)  # a misfit fails now, not per request
+    if not isinstance(app.session_interface, StaticAwareSessionInterface):
+        app.session_interface = StaticAwareSessionInterface(app.session_interface)
 
 
 def _delegated(name: str) -> property:
-    def get(self: _StaticAwareSessionInterface) -> Any:
+    def get(self: StaticAwareSessionInterface) -> Any:
         return getattr(self.__wrapped__, name)
 
     return property(get, doc=f"The wrapped interface's ``{name}``.")
 
 
-class _StaticAwareSessionInterface(SessionInterface):
-    """The app's session interface, except that a marked request's session is never opened.
+class StaticAwareSessionInterface(SessionInterface):
+    """The app's session interface, except that a marked request's session opens lazily.
 
-    Flask opens the session before any ``before_request`` function runs, so the
-    only place to avoid decoding the cookie of a static request is the
-    interface itself. Every attribute -- ``save_session``, ``null_session_class``,
-    the cookie settings, a Flask-Session interface's ``client`` -- is read from
-    and written to the wrapped interface, which stays reachable as
-    ``__wrapped__``. An ``isinstance`` test against the wrapped interface's own
-    class does not see through the wrapper.
+    Flask opens the session before any app code runs, so the only place to
+    avoid decoding the cookie of a static request is the interface itself.
+    Every attribute -- ``null_session_class``, the cookie settings, a
+    Flask-Session interface's ``client`` -- is read from and written to the
+    wrapped interface, which stays reachable as ``__wrapped__`` (it may itself
+    be a wrapper: this one delegates to whatever it wraps). An ``isinstance``
+    test against the wrapped interface's own class does not see through it.
     """
 
     __slots__ = ("__wrapped__",)
@@ -343,18 +563,36 @@ class _StaticAwareSessionInterface(SessionInterface):
         return f"<{type(self).__name__} wrapping {self.__wrapped__!r}>"
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
-        """An empty static session for a marked request (no cookie read), else the wrapped one's."""
-        if request.environ.get(MARK):
-            return _static_session_class(self.__wrapped__.null_session_class)()  # type: ignore[no-any-return]
+        """A :class:`LazySession` for a marked request (nothing read yet), else the wrapped one's."""
+        environ = request.environ
+        if is_marked(environ):
+            lazy = LazySession(self.__wrapped__, app, request)
+            environ[_LAZY_SESSION] = lazy
+            return lazy  # type: ignore[return-value]
         return self.__wrapped__.open_session(app, request)
 
     def is_null_session(self, obj: object) -> bool:
-        """True for a static session whatever the wrapped interface's test is, so it is never saved."""
-        return isinstance(obj, _StaticSession) or self.__wrapped__.is_null_session(obj)
+        """True for a lazy session never opened; an opened one is the wrapped interface's call."""
+        if type(obj) is LazySession:  # not isinstance: that would open it
+            real = obj._real
+            return real is None or self.__wrapped__.is_null_session(real)
+        return self.__wrapped__.is_null_session(obj)
 
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        """Save through the wrapped interface: the real session of a lazy one, if it was opened."""
+        if type(session) is LazySession:
+            real = session._real
+            if real is None:
+                return None
+            session = real
+        return self.__wrapped__.save_session(app, session, response)
+
+
+#: The name this class had before it was public (kept for code written against it).
+_StaticAwareSessionInterface = StaticAwareSessionInterface
 
 # SessionInterface's own attributes would shadow __getattr__: forward each of them too.
 for _name in vars(SessionInterface):
-    if not _name.startswith("__") and _name not in vars(_StaticAwareSessionInterface):
-        setattr(_StaticAwareSessionInterface, _name, _delegated(_name))
+    if not _name.startswith("__") and _name not in vars(StaticAwareSessionInterface):
+        setattr(StaticAwareSessionInterface, _name, _delegated(_name))
 del _name

@@ -221,8 +221,9 @@ def route_warnings(app: Flask | None, listed: Sequence[str] = ()) -> list[str]:
         if views:
             warnings.append(
                 f"listed prefix {path} also covers {_views_phrase(views)}: GET and HEAD requests "
-                "to it skip identity and see an anonymous user; list exact paths instead if a "
-                "view needs the user"
+                "to it skip Flask-Principal's eager identity load and Flask-Login's remember-cookie "
+                "refresh (the user and identity still load when the view asks); list exact paths "
+                "instead if that is not meant"
             )
     return warnings
 

@@ -1,10 +1,12 @@
 """Request classification: is this request for a static file?
 
-A request is *static* -- and will skip identity loading -- only when Flask
-itself would answer it from a static endpoint, or when the owner listed its
-path. Getting this wrong in the generous direction breaks pages (a dynamic
-view suddenly sees an anonymous user), so every doubt resolves to "not
-static": a missed skip costs a little speed, a wrong skip costs correctness.
+A request is *static* -- and does no identity work eagerly -- only when Flask
+itself would answer it with its own static view, or when the owner listed its
+path. On the Flask side a marked request still gets the real user, session and
+identity the moment any code asks (see :mod:`identity_middleware.flask_hooks`),
+so a mark can only save work, never change an answer; serve mode, which
+answers before Flask, relies on the mark being exact. Every doubt therefore
+resolves to "not static": a missed skip costs a little speed.
 
 How a request is decided, cheapest test first:
 
@@ -13,23 +15,34 @@ How a request is decided, cheapest test first:
    tuple of prefixes (static mounts and listed prefixes) or be one of the
    listed exact paths. A dynamic page is rejected here, in well under a
    microsecond, however many routes the app has.
-3. Canonical form: no ``//``, no ``.``/``..`` segments, no backslash, no NUL,
+3. A request carrying an ``Upgrade`` header (a websocket handshake) is never
+   static: Flask matches it as a websocket request, where a static rule does
+   not apply and a websocket rule under the mount may.
+4. Canonical form: no ``//``, no ``.``/``..`` segments, no backslash, no NUL,
    valid UTF-8. ``PATH_INFO`` is already percent-decoded by the server and
    werkzeug does not decode it a second time, so a literal ``%2e`` is just a
    character and needs no special case.
-4. A listed path (exact, or a prefix ending in ``/``) is static on the
+5. A listed path (exact, or a prefix ending in ``/``) is static on the
    owner's word -- it may be a dynamic view such as ``/favicon.ico``.
-5. A path under a static mount is confirmed with the URL map itself: it is
-   static only if the map routes it to a ``static`` or ``<blueprint>.static``
-   endpoint. A dynamic ``/static/config.js`` rule that shadows the mount, or
-   pages next to ``static_url_path=''``, therefore stay dynamic. The answer
-   is cached per path in a bounded LRU.
+6. A path under a static mount is confirmed with the URL map itself: it is
+   static only if the map routes it to an endpoint whose view is Flask's own,
+   unwrapped static view (:func:`is_flask_static_view`: the function Flask
+   would run, not the endpoint's name). A dynamic ``/static/config.js`` rule
+   that shadows the mount, a static view wrapped in ``login_required``, a
+   blueprint view that happens to be named ``static``, or pages next to
+   ``static_url_path=''`` therefore stay dynamic.
+
+The answers of steps 4-6 are memoised per path. Paths are chosen by clients,
+so the memos are bounded in bytes, not entries (``cachetools.LRUCache`` with
+a byte budget, :data:`MEMO_BYTES` each), and a path longer than
+:data:`MEMO_MAX_PATH` is decided afresh every time rather than evicting
+everything else.
 
 Host and subdomain matching: when the URL map is host-sensitive
 (``host_matching=True`` or ``subdomain_matching=True``) the confirmation is
 done with the adapter Flask builds for the very same environ
 (``app.create_url_adapter``), so the request's host decides exactly as it
-does in Flask; the cache key then includes the host fields of the environ.
+does in Flask; the memo key then includes the host fields of the environ.
 A host Flask refuses (``TRUSTED_HOSTS``) is never static.
 
 Matching is case-exact, like werkzeug's router.
@@ -37,10 +50,12 @@ Matching is case-exact, like werkzeug's router.
 
 from __future__ import annotations
 
-import functools
+import sys
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
 
+import cachetools
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
@@ -52,16 +67,29 @@ if TYPE_CHECKING:
 __all__ = [
     "Classifier",
     "Decision",
+    "MEMO_BYTES",
+    "MEMO_MAX_PATH",
+    "PathMemo",
     "canonical_problem",
     "is_flask_static_view",
     "is_static_endpoint",
+    "named_static_mounts",
     "path_adapter",
     "static_mounts",
     "text_path_problem",
 ]
 
-#: How many distinct (path, method) confirmations are remembered.
-CONFIRM_CACHE_SIZE = 4096
+#: Bytes each per-path memo of a classifier may hold (a classifier has three):
+#: about 3,800 entries for short paths.
+MEMO_BYTES = 2 * 1024 * 1024
+
+#: Longest ``PATH_INFO`` (in characters) whose decision is memoised; longer
+#: ones are decided afresh (a URL-map match, some microseconds) each time.
+MEMO_MAX_PATH = 1024
+
+#: Bytes an entry costs besides its strings: the key and value tuples, the slots
+#: of the memo's dicts and its LRU order (measured by tests/test_matching.py).
+MEMO_ENTRY_OVERHEAD = 400
 
 _METHODS = frozenset({"GET", "HEAD"})
 
@@ -113,15 +141,27 @@ def is_flask_static_view(app: Flask, endpoint: str) -> bool:
 
 
 def static_mounts(app: Flask) -> dict[str, str]:
-    """URL prefix -> endpoint for every static rule in ``app.url_map``.
+    """URL prefix -> endpoint for every rule in ``app.url_map`` served by Flask's static view.
 
     The prefix is the rule text before its first variable, e.g.
     ``/widgets/static/`` for ``/widgets/static/<path:filename>``, or ``/`` for
-    an app with ``static_url_path=''``.
+    an app with ``static_url_path=''``. A rule whose endpoint is named
+    ``static`` but runs another function (a wrapped view, a blueprint's
+    dynamic view named ``static``) or that is a websocket rule is no mount.
     """
+    return {
+        prefix: endpoint
+        for prefix, endpoint in named_static_mounts(app).items()
+        if is_flask_static_view(app, endpoint)
+    }
+
+
+def named_static_mounts(app: Flask) -> dict[str, str]:
+    """Like :func:`static_mounts`, but by endpoint *name*: also the rules whose static view
+    was wrapped or replaced. For reports that say why such a mount is not static."""
     mounts: dict[str, str] = {}
     for rule in app.url_map.iter_rules():
-        if is_static_endpoint(rule.endpoint):
+        if not getattr(rule, "websocket", False) and is_static_endpoint(rule.endpoint):
             mounts.setdefault(rule.rule.split("<", 1)[0], rule.endpoint)
     return mounts
 
@@ -195,6 +235,81 @@ class Decision:
     rule: str | None = None  # that rule's text (the shadowing rule when not static)
 
 
+_Result = TypeVar("_Result")
+
+
+def _entry_bytes(entry: tuple[int, Any]) -> int:
+    return entry[0]
+
+
+def _strings_bytes(values: Iterable[Any]) -> int:
+    return sum(sys.getsizeof(v) for v in values if isinstance(v, str))
+
+
+class PathMemo(Generic[_Result]):
+    """A thread-safe LRU memo of ``function(path, *rest)``, bounded in bytes.
+
+    The first argument is a client-chosen path, so an entry is charged for the
+    strings in its key and its value plus :data:`MEMO_ENTRY_OVERHEAD`, and the
+    memo holds at most ``max_bytes`` of them (``cachetools.LRUCache`` with
+    ``getsizeof``). A path longer than ``max_path`` is never stored: one huge
+    path would otherwise evict hundreds of ordinary ones. The function runs
+    outside the lock; two threads missing at once both compute, which is
+    harmless for a pure function.
+    """
+
+    __slots__ = ("_function", "_cache", "_lock", "_max_path")
+
+    def __init__(
+        self,
+        function: Callable[..., _Result],
+        *,
+        max_bytes: int | None = None,
+        max_path: int | None = None,
+    ) -> None:
+        self._function = function
+        self._cache: cachetools.LRUCache[tuple[Any, ...], tuple[int, _Result]] = cachetools.LRUCache(
+            maxsize=MEMO_BYTES if max_bytes is None else max_bytes, getsizeof=_entry_bytes
+        )
+        self._lock = threading.Lock()
+        self._max_path = MEMO_MAX_PATH if max_path is None else max_path
+
+    def __call__(self, path: str, *rest: Any) -> _Result:
+        key = (path, *rest)
+        with self._lock:
+            try:
+                return self._cache[key][1]
+            except KeyError:
+                pass
+        result = self._function(path, *rest)
+        if len(path) <= self._max_path:
+            value = result if isinstance(result, tuple) else (result,)
+            size = MEMO_ENTRY_OVERHEAD + _strings_bytes(key) + _strings_bytes(value)
+            with self._lock:
+                try:
+                    self._cache[key] = (size, result)
+                except ValueError:  # larger than the whole budget: not memoised
+                    pass
+        return result
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    @property
+    def currsize(self) -> int:
+        """Bytes charged for the entries held now."""
+        return int(self._cache.currsize)
+
+    @property
+    def maxsize(self) -> int:
+        """The byte budget."""
+        return int(self._cache.maxsize)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
 class Classifier:
     """Decides, per request, whether it is static.
 
@@ -207,6 +322,10 @@ class Classifier:
         None to use the listed paths only.
     :param listed: exact paths and prefixes ending in ``/`` that are static
         on the owner's word.
+    :param host_as_seen: False when a middleware between the classifier and
+        Flask may change the request's host (``ProxyFix(x_host=...)``): then a
+        host- or subdomain-matching URL map confirms no mount, because the
+        host seen here need not be the one Flask routes on.
     """
 
     __slots__ = (
@@ -218,14 +337,17 @@ class Classifier:
         "_mount_prefixes",
         "_prefixes",
         "_host_sensitive",
+        "_host_as_seen",
         "_adapter",
         "_confirm",
         "_confirm_host",
         "_marked",
+        "_memos",
     )
 
-    def __init__(self, app: Flask | None = None, listed: Iterable[str] = ()) -> None:
+    def __init__(self, app: Flask | None = None, listed: Iterable[str] = (), *, host_as_seen: bool = True) -> None:
         self.app = app
+        self._host_as_seen = host_as_seen
         self.listed = tuple(dict.fromkeys(listed))
         self.mounts: Mapping[str, str] = static_mounts(app) if app is not None else {}
         self._exact = frozenset(_to_wsgi(p) for p in self.listed if not p.endswith("/"))
@@ -237,12 +359,13 @@ class Classifier:
         if app is not None and self.mounts:
             self._adapter = path_adapter(app)
             self._host_sensitive = self._adapter is None
-        # Per-instance caches, so a rebuilt classifier starts empty.
-        self._confirm = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route)
-        self._confirm_host = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._route_host)
+        # Per-instance memos, so a rebuilt classifier starts empty.
+        self._confirm = PathMemo(self._route)
+        self._confirm_host = PathMemo(self._route_host)
         # Without host matching a decision depends on (path, method) alone, so the
         # hot path remembers the whole answer, not just the URL-map part.
-        self._marked = functools.lru_cache(maxsize=CONFIRM_CACHE_SIZE)(self._marked_uncached)
+        self._marked = PathMemo(self._marked_uncached)
+        self._memos = (self._marked, self._confirm, self._confirm_host)
 
     # -- hot path --------------------------------------------------------------------
 
@@ -253,6 +376,8 @@ class Classifier:
             return False
         path = environ.get("PATH_INFO") or ""
         if path not in self._exact and not path.startswith(self._prefixes):
+            return False
+        if "HTTP_UPGRADE" in environ:  # a websocket handshake: Flask matches websocket rules
             return False
         if self._host_sensitive:
             return self._decide(path, method, environ).marked
@@ -305,6 +430,8 @@ class Classifier:
         wsgi_path = _to_wsgi(path)
         if wsgi_path not in self._exact and not wsgi_path.startswith(self._prefixes):
             return Decision(path, method, False, "not under a static mount or a listed path")
+        if environ is not None and "HTTP_UPGRADE" in environ:
+            return Decision(path, method, False, "an Upgrade (websocket) request is never static")
         decision = self._decide(wsgi_path, method, environ)
         return Decision(
             path,
@@ -342,6 +469,13 @@ class Classifier:
             return self._confirm(path, method)
         if environ is None:
             return (False, "the URL map matches hosts and no request host is known", None, None)
+        if not self._host_as_seen:
+            return (
+                False,
+                "the URL map matches hosts and a middleware inside IdentityMiddleware may change the host",
+                None,
+                None,
+            )
         # Only these fields of the environ take part in host matching, so they
         # (not the environ, which holds the request body) are the cache key.
         return self._confirm_host(
@@ -356,8 +490,8 @@ class Classifier:
     # -- URL-map confirmation (cached) ---------------------------------------------
 
     def _route(self, path: str, method: str) -> tuple[bool, str, str | None, str | None]:
-        assert self._adapter is not None
-        return _match(self._adapter, path, method)
+        assert self._adapter is not None and self.app is not None
+        return _match(self.app, self._adapter, path, method)
 
     def _route_host(
         self,
@@ -386,15 +520,18 @@ class Classifier:
             return (False, f"Flask refuses the request host ({exc.__class__.__name__})", None, None)
         if adapter is None:  # pragma: no cover - only without a request
             return (False, "no URL adapter for this request", None, None)
-        return _match(adapter, path, method)
+        return _match(app, adapter, path, method)
 
+    def memo_bytes(self) -> int:
+        """Bytes the per-path memos account for now (each is bounded by :data:`MEMO_BYTES`)."""
+        return sum(memo.currsize for memo in self._memos)
 
 
 def _text(wsgi_path: str) -> str:
     return _from_wsgi(wsgi_path) or wsgi_path
 
 
-def _match(adapter: MapAdapter, path: str, method: str) -> tuple[bool, str, str | None, str | None]:
+def _match(app: Flask, adapter: MapAdapter, path: str, method: str) -> tuple[bool, str, str | None, str | None]:
     text = _from_wsgi(path)
     if text is None:  # pragma: no cover - canonical_problem rejects it first
         return (False, "not valid UTF-8", None, None)
@@ -404,8 +541,15 @@ def _match(adapter: MapAdapter, path: str, method: str) -> tuple[bool, str, str 
         return (False, f"the URL map redirects it to {exc.new_url}", None, None)
     except HTTPException as exc:
         return (False, f"the URL map answers {exc.code} for it", None, None)
-    if is_static_endpoint(rule.endpoint):
+    if is_flask_static_view(app, rule.endpoint):
         return (True, f"routed to static endpoint {rule.endpoint!r}", rule.endpoint, rule.rule)
+    if is_static_endpoint(rule.endpoint):
+        return (
+            False,
+            f"endpoint {rule.endpoint!r} does not run Flask's own static view",
+            rule.endpoint,
+            rule.rule,
+        )
     return (
         False,
         f"shadowed by rule {rule.rule!r} (endpoint {rule.endpoint!r})",

@@ -2,25 +2,29 @@
 
 Wrap a Flask app's ``wsgi_app`` and static files, favicons and other assets
 stop loading the user and the identity -- no SQL, no ``identity_loaded``, no
-``Set-Cookie``/``Vary: Cookie`` -- while every other request behaves exactly
-as before::
+``Set-Cookie``/``Vary: Cookie`` -- while every piece of the app's code still
+sees exactly what it would see without the middleware::
 
     app.wsgi_app = IdentityMiddleware(app.wsgi_app, static_paths=["/favicon.ico"])
 
 The middleware classifies ``PATH_INFO`` (see :mod:`identity_middleware.matching`),
-marks static requests in the environ and, because the bound ``app.wsgi_app``
-knows its app, installs the Flask-side hooks (:mod:`identity_middleware.flask_hooks`)
-that read the mark. Wrapping any other WSGI callable only marks the environ,
-using the listed paths; other frameworks read the mark with
-:func:`is_static_request`.
+marks static requests in the environ and installs the Flask-side hooks
+(:mod:`identity_middleware.flask_hooks`) that read the mark. A marked request
+does no identity work *eagerly*; code that asks for ``current_user``, the
+session or the identity gets the real one, loaded on demand. So a mark only
+ever saves work: it never changes what a view, a hook or a template sees.
 
-Wrap ``app.wsgi_app`` itself, before any middleware that rewrites the path
-(a dispatcher or prefix middleware): the classification must see the very
-``PATH_INFO`` Flask routes. Wrapped around another middleware, this one does
-not know the Flask app and falls back to listed paths only.
-
-Listed paths are trusted: a listed path is anonymous even if a dynamic view
-serves it. Never list a page that needs the logged-in user.
+Finding the app: a bound ``app.wsgi_app`` knows its app, and so does a wrapper
+that keeps the wrapped callable as ``.app`` (werkzeug's ``ProxyFix``), so
+``IdentityMiddleware(ProxyFix(app.wsgi_app))`` works. Best of all, wrap
+``app.wsgi_app`` itself and put other middleware outside:
+``app.wsgi_app = ProxyFix(IdentityMiddleware(app.wsgi_app))``. A wrapper
+that is not known to keep ``PATH_INFO`` as it is (a dispatcher, a prefix
+middleware) is named in a WARNING at startup; the mark records the path it
+classified, and the Flask side ignores it when the path Flask sees differs,
+so a rewritten path is never treated as static. When no Flask app can be
+found, only listed paths are marked, no Flask-side hooks are installed, and a
+WARNING says so. Other frameworks read the mark with :func:`is_static_request`.
 """
 
 from __future__ import annotations
@@ -29,20 +33,20 @@ import inspect
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 from flask import Flask
 
 from . import config, timing
 from .config import ConfigError
-from .flask_hooks import MARK
-from .matching import Classifier, Decision, text_path_problem
+from .flask_hooks import MARK, MARKED_PATH, is_marked
+from .matching import Classifier, Decision, named_static_mounts, text_path_problem
 from .serve_rules import MountVerdict, ServePlan, resolve_safe_hooks
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["IdentityMiddleware", "is_static_request", "MARK"]
+__all__ = ["IdentityMiddleware", "is_static_request", "MARK", "MARKED_PATH"]
 
 _SETTINGS = ("IDENTITY_STATIC_PATHS", "IDENTITY_SERVE_STATIC", "IDENTITY_DEBUG_HEADERS")
 
@@ -77,13 +81,20 @@ class IdentityMiddleware:
     Settings resolve as environment > argument > ``app.config`` > default,
     at construction; a bad value raises :class:`ConfigError` then.
 
-    Environ keys written: ``identity_middleware.static`` (``True`` on static
-    requests, absent otherwise).
+    Environ keys written on static requests (absent otherwise):
+    ``identity_middleware.static`` (``True``) and
+    ``identity_middleware.static_path`` (the ``PATH_INFO`` classified).
+
+    Wrapping anything but a Flask app's ``wsgi_app`` (or a known
+    path-preserving wrapper of it, such as ``ProxyFix``) logs a WARNING at
+    construction naming the wrapper and the fix; ``wrappers`` lists the
+    wrappers found between this middleware and the app.
     """
 
     __slots__ = (
         "wsgi_app",
         "app",
+        "wrappers",
         "settings",
         "static_dirs",
         "listed",
@@ -109,7 +120,11 @@ class IdentityMiddleware:
         static_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
-        self.app: Flask | None = _flask_app_of(wsgi_app)
+        found = _find_flask_app(wsgi_app)
+        self.app: Flask | None = found.app
+        #: Wrappers between this middleware and the Flask app, outermost first.
+        self.wrappers: tuple[Any, ...] = found.wrappers
+        _warn_about_wrapping(wsgi_app, found)
         arguments = {
             "IDENTITY_STATIC_PATHS": static_paths,
             "IDENTITY_SERVE_STATIC": serve_static,
@@ -121,7 +136,7 @@ class IdentityMiddleware:
             raise ConfigError(
                 "IDENTITY_STATIC_PATHS",
                 "/",
-                "paths narrower than '/' (listing '/' would make every page anonymous) "
+                "paths narrower than '/' (listing '/' would mark every GET of every page) "
                 f"(from {listed_paths.source})",
             )
         self.static_dirs: dict[str, str] = _checked_static_dirs(static_dirs)
@@ -158,6 +173,7 @@ class IdentityMiddleware:
             _log.debug("%s %r static=%s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), marked)
         if marked:
             environ[MARK] = True
+            environ[MARKED_PATH] = environ.get("PATH_INFO")
             if self._files is not None:
                 return self._serve(environ, start_response)
         return self.wsgi_app(environ, start_response)
@@ -182,7 +198,7 @@ class IdentityMiddleware:
             self._ready = True
 
     def _build(self) -> None:
-        classifier = Classifier(self.app, self.listed)
+        classifier = self._new_classifier()
         if self.app is not None:
             from . import flask_hooks
 
@@ -199,7 +215,7 @@ class IdentityMiddleware:
         """Serve mode's file index, over the mounts no app code keeps from being served."""
         from .static import StaticFiles  # serve mode only
 
-        plan = self._plan(classifier)
+        plan = self._plan()
         self._serve_plan = plan
         # Mounts that are not served still own their subtree: ``routed`` refuses their
         # URLs, so an outer folder never answers for them.
@@ -207,16 +223,17 @@ class IdentityMiddleware:
             plan.mounts, app=self.app, routed=plan.routed, max_age_for=plan.max_age_for, **self._static_options
         )
 
-    def _plan(self, classifier: Classifier) -> ServePlan:
+    def _plan(self) -> ServePlan:
         from . import serve_rules
 
+        # Every rule with a static endpoint *name*, so the report can say why a wrapped
+        # static view is not served; plan() serves only Flask's own static view.
+        mounts: dict[str, str] = {}
         folders: dict[str, str | None] = {}
         if self.app is not None:
-            for prefix, endpoint in classifier.mounts.items():
-                folders[prefix] = _static_folder(self.app, endpoint)
-        return serve_rules.plan(
-            self.app, classifier.mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks
-        )
+            mounts = named_static_mounts(self.app)
+            folders = {prefix: _static_folder(self.app, endpoint) for prefix, endpoint in mounts.items()}
+        return serve_rules.plan(self.app, mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks)
 
     def serve_verdicts(self) -> tuple[MountVerdict, ...]:
         """Per static mount: answered before Flask or not, and which function keeps it from it.
@@ -226,14 +243,14 @@ class IdentityMiddleware:
         """
         if not self.settings["IDENTITY_SERVE_STATIC"].value:
             return ()
-        plan = self._serve_plan or self._plan(self.classifier)
+        plan = self._serve_plan or self._plan()
         return plan.verdicts
 
     def serve_summary(self) -> str | None:
         """The verdicts in one clause for the startup line; ``None`` when serve mode is off."""
         if not self.settings["IDENTITY_SERVE_STATIC"].value:
             return None
-        plan = self._serve_plan or self._plan(self.classifier)
+        plan = self._serve_plan or self._plan()
         return plan.summary()
 
     def rebuild(self) -> None:
@@ -253,8 +270,12 @@ class IdentityMiddleware:
         """The classifier in use, or, before the first request, one built from the app now."""
         classifier = self._classifier
         if classifier is None or not self._ready:
-            classifier = Classifier(self.app, self.listed)
+            classifier = self._new_classifier()
         return classifier
+
+    def _new_classifier(self) -> Classifier:
+        # A wrapper between us and Flask (ProxyFix) may change the host Flask routes on.
+        return Classifier(self.app, self.listed, host_as_seen=not self.wrappers)
 
     def explain(self, path: str, method: str = "GET", *, host: str | None = None) -> Decision:
         """Why a request for the text ``path`` would or would not be static."""
@@ -262,7 +283,7 @@ class IdentityMiddleware:
 
 
 def is_static_request(environ: WSGIEnvironment | None = None) -> bool:
-    """True when the middleware marked the request as static.
+    """True when the middleware marked the request as static (and its path is unchanged).
 
     Without an argument, reads the current Flask request; outside a request
     it returns False.
@@ -273,17 +294,92 @@ def is_static_request(environ: WSGIEnvironment | None = None) -> bool:
         if not has_request_context():
             return False
         environ = request.environ
-    return environ.get(MARK) is True
+    return is_marked(environ)
 
 
-def _flask_app_of(wsgi_app: Any) -> Flask | None:
-    """The Flask app when ``wsgi_app`` is a bound ``Flask.wsgi_app`` (or the app itself)."""
-    if isinstance(wsgi_app, Flask):
-        return wsgi_app
-    if inspect.ismethod(wsgi_app) and isinstance(wsgi_app.__self__, Flask):
-        if wsgi_app.__func__.__name__ == "wsgi_app":
-            return wsgi_app.__self__
-    return None
+#: Wrappers known to pass ``PATH_INFO`` through unchanged. ``ProxyFix`` sets
+#: ``SCRIPT_NAME`` (``x_prefix``), the scheme, host and remote address, never the path.
+_PATH_PRESERVING = frozenset(
+    {
+        "werkzeug.middleware.proxy_fix.ProxyFix",
+        "werkzeug.middleware.lint.LintMiddleware",
+    }
+)
+
+#: Attributes under which wrappers commonly keep the callable they wrap.
+_INNER_ATTRIBUTES = ("app", "wsgi_app", "application", "__wrapped__")
+
+_MAX_DEPTH = 16
+
+
+class _Found(NamedTuple):
+    app: Flask | None
+    wrappers: tuple[Any, ...]  # between the middleware and the app (or the end), outermost first
+
+
+def _is_bound_wsgi_app(candidate: Any) -> bool:
+    return (
+        inspect.ismethod(candidate)
+        and isinstance(candidate.__self__, Flask)
+        and candidate.__func__.__name__ == "wsgi_app"
+    )
+
+
+def _find_flask_app(wsgi_app: Any) -> _Found:
+    """The Flask app behind ``wsgi_app``, looking through wrappers that expose what they wrap."""
+    wrappers: list[Any] = []
+    current = wsgi_app
+    seen: set[int] = set()
+    while len(wrappers) <= _MAX_DEPTH and id(current) not in seen:
+        if isinstance(current, Flask):
+            return _Found(current, tuple(wrappers))
+        if _is_bound_wsgi_app(current):
+            return _Found(current.__self__, tuple(wrappers))
+        seen.add(id(current))
+        inner = next(
+            (getattr(current, a) for a in _INNER_ATTRIBUTES if callable(getattr(current, a, None))),
+            None,
+        )
+        if inner is None:
+            break
+        wrappers.append(current)
+        current = inner
+    return _Found(None, tuple(wrappers))
+
+
+def _qualified_name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    if inspect.isfunction(obj) or inspect.ismethod(obj):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _warn_about_wrapping(wsgi_app: Any, found: _Found) -> None:
+    """Say loudly when the app cannot be found, or a wrapper may rewrite the path."""
+    if found.app is None:
+        _log.warning(
+            "IdentityMiddleware wraps %s and found no Flask app inside it: only the listed "
+            "static paths are marked and the Flask-side hooks are not installed, so "
+            "Flask-Login and Flask-Principal still load identity for every static file. "
+            "For a Flask app, wrap app.wsgi_app itself and put other middleware outside: "
+            "app.wsgi_app = Other(IdentityMiddleware(app.wsgi_app)). "
+            "Wrapping another framework's app this way is fine; this message is then expected.",
+            _qualified_name(wsgi_app),
+        )
+        return
+    unknown = [w for w in found.wrappers if _qualified_name(w) not in _PATH_PRESERVING]
+    if unknown:
+        names = ", ".join(_qualified_name(w) for w in unknown)
+        _log.warning(
+            "IdentityMiddleware wraps %s, which is not known to keep PATH_INFO unchanged, "
+            "around the Flask app %r. Static requests are classified on the path as it "
+            "arrives here; the Flask side ignores a mark when the path Flask sees differs, "
+            "so nothing is mis-marked, but a rewritten path never skips identity. "
+            "Wrap app.wsgi_app itself and put the other middleware outside: "
+            "app.wsgi_app = Other(IdentityMiddleware(app.wsgi_app)).",
+            names,
+            found.app.name,
+        )
 
 
 def _static_folder(app: Flask, endpoint: str) -> str | None:

@@ -357,7 +357,14 @@ class _Judge:
         keys: list[str | None] = [None, *(_blueprint_chain(endpoint) if endpoint else [])]
         for key in keys:
             for kind, functions in self._hooks(key):
-                found += [f"{kind} {_name(f)}" for f in functions if self.safe(f) and not _ours(f)]
+                for function in functions:
+                    if not self.safe(function):
+                        continue
+                    # Our own hooks are not app code; the extension function one of them
+                    # stands in for (Principal's identity load, say) is.
+                    shown = getattr(function, "__wrapped__", None) if _ours(function) else function
+                    if shown is not None:
+                        found.append(f"{kind} {_name(shown)}")
             for function in app.teardown_request_funcs.get(key, ()):
                 found.append(f"teardown_request {_name(function)}")
         found += [f"teardown_appcontext {_name(f)}" for f in app.teardown_appcontext_funcs]
@@ -398,11 +405,10 @@ def _blueprint_chain(endpoint: str) -> list[str]:
 
 def _known_harmless(function: Any) -> bool:
     """Functions of Flask-Principal, Flask-Login and this package known not to touch a static GET."""
-    from . import flask_hooks, timing
+    from . import timing
 
-    if function is flask_hooks.skip_identity_for_static_requests or function is getattr(
-        timing, "_add_header", None
-    ):
+    # The hooks flask_hooks installs carry SAFE_ATTRIBUTE, so the declared check finds them.
+    if function is getattr(timing, "_add_header", None):
         return True
     func = getattr(function, "__func__", None)
     if func is None:

@@ -8,7 +8,8 @@ loader is invisible from the outside -- the page looks the same either way. With
 
 where ``desc`` is one of
 
-* ``static``   -- the middleware marked the request; no identity was loaded;
+* ``static``   -- the middleware marked the request and nothing asked for the user
+  (a marked request that does ask reports the cache's outcome below instead);
 * ``hit``      -- the user came from the cache;
 * ``negative`` -- the cache answered "no such user" from a negative entry;
 * ``miss``     -- the cache ran the loader;
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from flask import g, request
 
 from .config import resolve_one
-from .flask_hooks import MARK
+from .flask_hooks import SAFE_ATTRIBUTE, is_marked
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -60,11 +61,9 @@ def header_value(outcome: str, seconds: float = 0.0) -> str:
 
 def request_outcome() -> tuple[str, float]:
     """The identity decision of the current Flask request and its cost in seconds."""
-    if request.environ.get(MARK) is True:
-        return "static", 0.0
     outcome = g.get("_identity_cache_outcome")
     if outcome is None:
-        return "bypass", 0.0
+        return ("static" if is_marked(request.environ) else "bypass"), 0.0
     return str(outcome), float(g.get("_identity_cache_seconds") or 0.0)
 
 
@@ -72,6 +71,11 @@ def _add_header(response: Response) -> Response:
     # ``add``, not ``set``: Server-Timing may repeat, and other tools add their own metrics.
     response.headers.add("Server-Timing", header_value(*request_outcome()))
     return response
+
+
+# Adds a debug header, reads no identity: serve mode may skip it for static files
+# (it adds the same header itself).
+setattr(_add_header, SAFE_ATTRIBUTE, True)
 
 
 def install(app: Flask, *, enabled: bool | None = None) -> bool:

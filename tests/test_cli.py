@@ -75,7 +75,7 @@ def test_status_shows_mounts_shadowing_views_and_listed_paths(app):
 def test_status_shows_the_view_an_exact_listed_path_makes_anonymous_without_warning(app):
     """README's own example lists /favicon.ico, a dynamic view, on purpose: no warning for it."""
     output = run(app, "status").output
-    assert "/favicon.ico" in output and "exact  covers favicon -- sees an anonymous user on GET and HEAD" in output
+    assert "/favicon.ico" in output and "exact  covers favicon -- a view: identity loads only when it asks, on GET and HEAD" in output
     warnings = output.split("Warnings:", 1)[1]
     assert warnings.strip() == "none"
 
@@ -96,7 +96,7 @@ def test_status_warns_when_a_listed_prefix_covers_dynamic_views_naming_each_once
     warnings = run(_prefix_app(["/assets/"]), "status").output.split("Warnings:", 1)[1]
     assert (
         "listed prefix /assets/ also covers the dynamic views 'manifest' (/assets/manifest.json) "
-        "and 'me' (/assets/me.json): GET and HEAD requests to it skip identity" in warnings
+        "and 'me' (/assets/me.json): GET and HEAD requests to it skip Flask-Principal's eager identity load" in warnings
     )
     assert "upload" not in warnings  # POST-only: never static, never affected
 

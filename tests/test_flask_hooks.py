@@ -1,9 +1,12 @@
-"""The Flask-side hooks: a marked request loads no identity and writes no cookie.
+"""The Flask-side hooks: a marked request does no identity work until something asks.
 
 Against the example app (Flask-Login + Flask-Principal + SQLAlchemy, user cache
 off so every identity load shows as SQL) and small real apps built here for the
 situations the example does not cover. The naive app (no middleware) is run
-next to it where a contrast proves the assertion could fail.
+next to it where a contrast proves the assertion could fail. Unobserved static
+requests load nothing; a marked request whose code asks for the user, the
+session or the identity gets the real one (tests/test_equivalence.py compares
+whole responses with the bare app).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pytest
 from conftest import count_sql, log_in
 from flask import Blueprint, Flask, g, jsonify, session
 from flask.json.tag import TaggedJSONSerializer
-from flask.sessions import SecureCookieSessionInterface, SessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionInterface
 from flask_login import LoginManager, UserMixin, current_user, login_user
 from flask_principal import (
     AnonymousIdentity,
@@ -25,7 +28,7 @@ from flask_principal import (
 )
 
 from identity_middleware import IdentityMiddleware
-from identity_middleware.flask_hooks import install, principals_of, skip_identity_for_static_requests
+from identity_middleware.flask_hooks import SAFE_ATTRIBUTE, LazySession, install, principals_of
 
 ASSETS = ["/static/app.css", "/static/app.js", "/widgets/static/widget.css", "/favicon.ico"]
 
@@ -205,6 +208,10 @@ def make_app(tmp_path, *, wrap: str = "first", static_url_path=None, static_fold
     return app
 
 
+def _hooks_of(app):
+    return app.before_request_funcs[None] + app.after_request_funcs[None]
+
+
 @pytest.mark.parametrize("wrap", ["first", "last"])
 def test_wrapping_before_or_after_the_extensions_are_initialised(tmp_path, wrap):
     app = make_app(tmp_path, wrap=wrap)
@@ -213,18 +220,35 @@ def test_wrapping_before_or_after_the_extensions_are_initialised(tmp_path, wrap)
     calls = app.extensions["calls"]
     calls.update(user_loader=0, identity_loaded=0)
     assert client.get("/static/app.css").status_code == 200
-    assert client.get("/favicon.ico").json == {
-        "anonymous": True,
-        "user_class": "AnonymousUserMixin",
-        "identity_class": "AnonymousIdentity",
-    }
     assert calls == {"user_loader": 0, "request_loader": 0, "identity_loaded": 0}
+    # A listed path whose view asks gets the real user and identity, loaded on demand.
+    assert client.get("/favicon.ico").json == {
+        "anonymous": False,
+        "user_class": "User",
+        "identity_class": "Identity",
+    }
+    assert calls == {"user_loader": 1, "request_loader": 0, "identity_loaded": 1}
     assert client.get("/").json == {"anonymous": False, "identity": "7"}
-    assert calls["user_loader"] == 1 and calls["identity_loaded"] == 1
-    assert app.before_request_funcs[None][0] is skip_identity_for_static_requests
+    assert calls["user_loader"] == 2 and calls["identity_loaded"] == 2
+    ours = [f for f in _hooks_of(app) if getattr(f, SAFE_ATTRIBUTE, False)]
+    assert [f.__wrapped__.__name__ for f in ours] == ["_on_before_request", "_update_remember_cookie"]
 
 
-def test_remember_cookie_and_request_loader_do_not_run_for_static_requests(tmp_path):
+def test_the_extensions_hooks_are_replaced_in_place_keeping_the_app_order(tmp_path):
+    app = make_app(tmp_path, wrap="no")
+
+    @app.before_request
+    def gate():
+        return None
+
+    before = [getattr(f, "__name__", "") for f in app.before_request_funcs[None]]
+    app.wsgi_app = IdentityMiddleware(app.wsgi_app)
+    app.test_client().get("/")
+    after = [getattr(getattr(f, "__wrapped__", f), "__name__", "") for f in app.before_request_funcs[None]]
+    assert after == before == ["_on_before_request", "gate"]
+
+
+def test_remember_cookie_and_request_loader_do_not_run_for_unobserved_static_requests(tmp_path):
     app = make_app(tmp_path)
     client = app.test_client()
     client.get("/login")
@@ -236,14 +260,23 @@ def test_remember_cookie_and_request_loader_do_not_run_for_static_requests(tmp_p
     assert "Set-Cookie" not in response.headers
     assert client.get("/").json["anonymous"] is False  # the cookie logs the user back in
     assert calls["user_loader"] == 1
-    token_client = app.test_client()  # no cookies: only the request loader could log in
-    assert token_client.get("/favicon.ico", headers={"X-Token": "9"}).json["anonymous"] is True
-    assert calls["request_loader"] == 0
-    assert token_client.get("/", headers={"X-Token": "9"}).json["anonymous"] is False
+
+
+def test_a_marked_view_that_asks_logs_in_from_the_remember_cookie_or_the_request_loader(tmp_path):
+    app = make_app(tmp_path)
+    client = app.test_client()
+    client.get("/login")
+    client.delete_cookie("session")
+    calls = app.extensions["calls"]
+    calls.update(user_loader=0, request_loader=0)
+    assert client.get("/favicon.ico").json["anonymous"] is False  # remember cookie
+    assert calls["user_loader"] == 1
+    token_client = app.test_client()  # no cookies: only the request loader can log in
+    assert token_client.get("/favicon.ico", headers={"X-Token": "9"}).json["anonymous"] is False
     assert calls["request_loader"] == 1
 
 
-def test_remember_cookie_refresh_each_request_skips_static_responses(tmp_path):
+def test_remember_cookie_refresh_each_request_skips_unobserved_static_responses(tmp_path):
     wrapped = make_app(tmp_path / "wrapped", REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
     naive = make_app(tmp_path / "naive", wrap="no", REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
     for app, expect_cookie in ((wrapped, False), (naive, True)):
@@ -254,27 +287,33 @@ def test_remember_cookie_refresh_each_request_skips_static_responses(tmp_path):
     client = wrapped.test_client()
     client.get("/login")
     assert "remember_token" in client.get("/").headers.get("Set-Cookie", "")
+    # A marked request that opened the session runs Flask-Login's upkeep as the bare app does.
+    assert "remember_token" in client.get("/favicon.ico").headers.get("Set-Cookie", "")
 
 
-def test_static_request_session_is_empty_writable_and_never_saved(tmp_path):
-    app = make_app(tmp_path)
-    client = app.test_client()
-    client.get("/login")
-    client.get("/theme")
-    before = client.get("/session").json
-    assert before["theme"] == "dark" and "_user_id" in before and "identity.id" in before
-    response = client.get("/listed/session")
-    assert response.status_code == 200
-    # The cookie is not read for a static request: no identity keys, no other data either.
-    assert response.json["seen"] == {}
-    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
-    assert client.get("/session").json == before  # the write was not persisted
+def test_a_static_request_that_uses_the_session_sees_and_saves_the_real_one(tmp_path):
+    results = {}
+    for wrap in ("first", "no"):
+        app = make_app(tmp_path / wrap, wrap=wrap)
+        client = app.test_client()
+        client.get("/login")
+        client.get("/theme")
+        before = client.get("/session").json
+        assert before["theme"] == "dark" and "_user_id" in before and "identity.id" in before
+        response = client.get("/listed/session")
+        assert response.status_code == 200
+        assert "Set-Cookie" in response.headers and "Cookie" in response.vary
+        after = client.get("/session").json
+        assert after["written"] == "by a static request" and "theme" not in after
+        results[wrap] = (response.json, after)
+    assert results["first"] == results["no"]
 
 
-def test_permission_in_a_listed_view_is_refused_not_an_error(tmp_path):
+def test_permission_in_a_listed_view_sees_the_real_identity(tmp_path):
     client = make_app(tmp_path).test_client()
+    assert client.get("/listed/admin").status_code == 403  # anonymous
     client.get("/login")
-    assert client.get("/listed/admin").status_code == 403  # g.identity is set, and anonymous
+    assert client.get("/listed/admin").status_code == 200  # RoleNeed("admin"), loaded on demand
 
 
 def test_custom_anonymous_user_class_is_used(tmp_path):
@@ -285,9 +324,7 @@ def test_custom_anonymous_user_class_is_used(tmp_path):
         is_authenticated = False
 
     app.login_manager.anonymous_user = Guest
-    client = app.test_client()
-    client.get("/login")
-    assert client.get("/favicon.ico").json["user_class"] == "Guest"
+    assert app.test_client().get("/favicon.ico").json["user_class"] == "Guest"
 
 
 def test_static_url_path_empty_keeps_pages_logged_in(tmp_path):
@@ -311,7 +348,8 @@ def test_static_folder_none_does_not_crash_and_listed_paths_still_skip(tmp_path)
     calls.update(user_loader=0)
     assert client.get("/static/app.css").status_code == 404
     assert calls["user_loader"] == 1  # not static: identity loaded as usual
-    assert client.get("/favicon.ico").json["anonymous"] is True
+    response = client.get("/listed/nothing-here")
+    assert response.status_code == 404 and "Set-Cookie" not in response.headers
     assert calls["user_loader"] == 1
 
 
@@ -366,7 +404,7 @@ class CountingInterface(SecureCookieSessionInterface):
         super().save_session(app, session, response)
 
 
-def test_a_static_request_does_not_decode_the_session_cookie(tmp_path):
+def test_an_unobserved_static_request_does_not_decode_the_session_cookie(tmp_path):
     app = make_app(tmp_path)
     interface = app.session_interface = SecureCookieSessionInterface()
     serializer = interface.serializer = CountingSerializer()
@@ -375,13 +413,14 @@ def test_a_static_request_does_not_decode_the_session_cookie(tmp_path):
     client.get("/theme")
     decoded = serializer.decoded
     assert decoded >= 1  # the theme request read the login cookie
-    for path in ("/static/app.css", "/favicon.ico", "/listed/session"):
+    for path in ("/static/app.css", "/static/missing.css", "/listed/nothing-here"):
         response = client.get(path)
-        assert response.status_code == 200, path
         assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary, path
     assert serializer.decoded == decoded
-    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # pages still do
+    assert client.get("/favicon.ico").json["anonymous"] is False  # a view that asks decodes once
     assert serializer.decoded == decoded + 1
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # pages still do
+    assert serializer.decoded == decoded + 2
 
 
 def test_a_custom_session_interface_set_before_the_first_request_is_wrapped_and_used(tmp_path):
@@ -417,62 +456,95 @@ def test_session_transaction_of_the_test_client_opens_and_saves_the_real_session
         transaction["theme"] = "light"
     assert client.get("/session").json["theme"] == "light"
     assert client.get("/").json["anonymous"] is False
-    assert client.get("/listed/session").json["seen"] == {}
+    assert client.get("/listed/session").json["seen"]["theme"] == "light"
 
 
-def test_installing_again_neither_wraps_twice_nor_duplicates_the_hook(tmp_path):
+def test_installing_again_neither_wraps_twice_nor_duplicates_the_hooks(tmp_path):
     app = make_app(tmp_path)
     custom = app.session_interface = CountingInterface()
     client = app.test_client()
     client.get("/login")
     wrapper = app.session_interface
+    hooks = _hooks_of(app)
     app.wsgi_app.rebuild()
     install(app)
     assert app.session_interface is wrapper and wrapper.__wrapped__ is custom
-    assert app.before_request_funcs[None].count(skip_identity_for_static_requests) == 1
+    assert _hooks_of(app) == hooks
+    assert sum(1 for f in hooks if getattr(f, SAFE_ATTRIBUTE, False)) == 2
     opened = custom.opened
     client.get("/static/app.css")
     assert custom.opened == opened
     assert client.get("/").json["anonymous"] is False
 
 
-def test_an_interface_replaced_after_installation_is_still_safe_and_wrapped_on_rebuild(tmp_path):
+def test_an_interface_replaced_after_installation_works_as_in_the_bare_app_and_is_wrapped_on_rebuild(tmp_path):
     app = make_app(tmp_path, REMEMBER_COOKIE_REFRESH_EACH_REQUEST=True)
     client = app.test_client()
     client.get("/login")
     client.get("/theme")
     replaced = app.session_interface = CountingInterface()
-    opened, saved = replaced.opened, replaced.saved
-    response = client.get("/listed/session")
-    # Decoded (the fallback cannot prevent that), then dropped and never saved.
-    assert replaced.opened == opened + 1 and replaced.saved == saved
-    assert response.json["seen"] == {}
-    assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
-    assert client.get("/session").json["theme"] == "dark"
+    opened = replaced.opened
+    response = client.get("/static/app.css")
+    # Not ours: it decodes the cookie as in the bare app (only slower than a wrapped one).
+    assert replaced.opened == opened + 1 and response.status_code == 200
+    assert client.get("/listed/session").json["seen"]["theme"] == "dark"
     app.wsgi_app.rebuild()
     assert app.session_interface.__wrapped__ is replaced
     opened = replaced.opened
-    assert client.get("/listed/session").json["seen"] == {}
-    assert replaced.opened == opened
+    response = client.get("/static/app.css")
+    assert replaced.opened == opened and "Set-Cookie" not in response.headers
 
 
-def test_static_session_is_never_saved_even_by_an_interface_with_its_own_null_test(tmp_path):
+def test_an_unopened_lazy_session_is_never_saved_even_by_an_interface_with_its_own_null_test(tmp_path):
     class StrictInterface(CountingInterface):
         def is_null_session(self, obj):
-            return type(obj) is self.null_session_class  # a subclass would be saved
+            return type(obj) is self.null_session_class  # anything else would be saved
 
     app = make_app(tmp_path)
     strict = app.session_interface = StrictInterface()
     client = app.test_client()
     client.get("/login")
     saved = strict.saved
-    response = client.get("/listed/session")  # reads and writes the session
-    assert response.json["seen"] == {}
+    response = client.get("/static/app.css")
     assert strict.saved == saved
     assert "Set-Cookie" not in response.headers and "Cookie" not in response.vary
+    response = client.get("/listed/session")  # reads and writes: the real session, saved by it
+    assert strict.saved == saved + 1 and "Set-Cookie" in response.headers
     wrapper = app.session_interface
     assert wrapper.is_null_session(wrapper.make_null_session(app))
     assert not wrapper.is_null_session(strict.session_class())
+
+
+def test_a_lazy_session_opens_on_first_use_and_then_is_the_real_session(tmp_path):
+    app = make_app(tmp_path)
+    seen = {}
+
+    @app.get("/listed/inspect")
+    def inspect_session():
+        lazy = session._get_current_object()
+        seen["lazy"] = type(lazy) is LazySession
+        seen["opened_before"] = lazy.opened
+        seen["is_secure_cookie_session"] = isinstance(session, SecureCookieSession)
+        seen["opened_after"] = lazy.opened
+        seen["user_id"] = session.get("_user_id")
+        seen["keys"] = sorted(session)
+        seen["permanent"] = session.permanent
+        return "ok"
+
+    client = app.test_client()
+    client.get("/login")
+    client.get("/listed/inspect")
+    assert seen == {
+        "lazy": True,
+        "opened_before": False,
+        "is_secure_cookie_session": True,
+        "opened_after": True,
+        "user_id": "7",
+        "keys": ["_fresh", "_id", "_user_id", "identity.auth_type", "identity.id"],
+        "permanent": False,
+    }
+
+
 
 
 # -- Principal --------------------------------------------------------------------------
@@ -494,11 +566,31 @@ def test_every_principal_of_the_app_is_wrapped_once(tmp_path):
     assert len(principals) == 2
     app.wsgi_app.rebuild()
     app.wsgi_app.rebuild()
-    for principal in principals:
-        wrapper = principal.__dict__["_is_static_route"]
-        assert wrapper.__identity_middleware_wrapped__
-        # rebuilding did not wrap the wrapper: its closure holds Principal's own method
-        assert wrapper.__closure__[0].cell_contents.__func__ is Principal._is_static_route
+    assert principals_of(app) == principals
+    hooks = [f for f in app.before_request_funcs[None] if getattr(f, SAFE_ATTRIBUTE, False)]
+    # rebuilding did not wrap the wrappers: each holds Principal's own bound method
+    assert [f.__wrapped__.__self__ for f in hooks] == principals
+    assert all(f.__wrapped__.__func__ is Principal._on_before_request for f in hooks)
+    assert all("_is_static_route" not in vars(p) for p in principals)
+
+
+def test_two_principals_on_a_marked_request_load_in_order_on_first_use(tmp_path):
+    results = {}
+    for wrap in ("first", "no"):
+        app = make_app(tmp_path / wrap, wrap=wrap)
+        second = Principal(app, use_sessions=False)
+        second.identity_loader(lambda: Identity("from-second"))
+
+        @app.get("/listed/who")
+        def who(app=app):
+            return jsonify(identity=str(g.identity.id), calls=app.extensions["calls"]["identity_loaded"])
+
+        client = app.test_client()
+        client.get("/login")
+        app.extensions["calls"]["identity_loaded"] = 0
+        results[wrap] = client.get("/listed/who").json
+    # Both loads ran (identity_loaded twice), the last Principal's identity is the one seen.
+    assert results["first"] == results["no"] == {"identity": "from-second", "calls": 2}
 
 
 def test_principal_skip_static_keeps_its_own_meaning(tmp_path):
@@ -520,18 +612,83 @@ def test_principal_skip_static_keeps_its_own_meaning(tmp_path):
     assert results["first"] == results["no"] == {"has_identity": False}
 
 
-def test_identity_changed_during_a_static_request_is_ignored(tmp_path):
-    app = make_app(tmp_path)
+def test_identity_changed_during_a_static_request_works_as_in_the_bare_app(tmp_path):
+    results = {}
+    for wrap in ("first", "no"):
+        app = make_app(tmp_path / wrap, wrap=wrap)
 
-    @app.get("/listed/switch")
-    def switch():
-        identity_changed.send(app, identity=Identity("99"))
-        return jsonify(identity=str(g.identity.id), cls=type(g.identity).__name__)
+        @app.get("/listed/switch")
+        def switch(app=app):
+            identity_changed.send(app, identity=Identity("99"))
+            return jsonify(identity=str(g.identity.id), cls=type(g.identity).__name__)
+
+        client = app.test_client()
+        client.get("/login")
+        switched = client.get("/listed/switch").json
+        results[wrap] = (switched, client.get("/").json["identity"])
+    assert results["first"] == results["no"] == ({"identity": "99", "cls": "Identity"}, "99")
+
+
+def test_g_identity_is_loaded_on_first_read_and_is_the_real_identity_object(tmp_path):
+    app = make_app(tmp_path)
+    seen = {}
+
+    @app.get("/listed/identity")
+    def identity():
+        calls = app.extensions["calls"]
+        seen["loaded_before"] = calls["identity_loaded"]
+        seen["present"] = "identity" in g
+        seen["type"] = type(g.identity).__name__
+        seen["same_object"] = g.identity is g.get("identity")
+        seen["loaded_after"] = calls["identity_loaded"]
+        return "ok"
 
     client = app.test_client()
     client.get("/login")
-    assert client.get("/listed/switch").json == {"identity": "None", "cls": "AnonymousIdentity"}
-    assert client.get("/").json["identity"] == "7"
+    app.extensions["calls"]["identity_loaded"] = 0
+    client.get("/listed/identity")
+    assert seen == {"loaded_before": 0, "present": True, "type": "Identity", "same_object": True, "loaded_after": 1}
+
+
+def test_an_app_g_class_of_its_own_keeps_working_with_an_eager_identity(tmp_path):
+    class Namespace:  # not derived from Flask's: nothing to extend
+        def get(self, name, default=None):
+            return self.__dict__.get(name, default)
+
+        def __contains__(self, name):
+            return name in self.__dict__
+
+    app = make_app(tmp_path)
+    app.app_ctx_globals_class = Namespace
+    client = app.test_client()
+    client.get("/login")
+    calls = app.extensions["calls"]
+    calls.update(identity_loaded=0)
+    assert client.get("/static/app.css").status_code == 200
+    assert calls["identity_loaded"] == 1  # loaded eagerly, as without the middleware
+    assert client.get("/listed/admin").status_code == 200
+
+
+def test_a_g_subclass_set_by_the_app_is_extended_not_replaced(tmp_path):
+    from flask.ctx import _AppCtxGlobals
+
+    class Audited(_AppCtxGlobals):
+        audited = True
+
+    app = make_app(tmp_path)
+    app.app_ctx_globals_class = Audited
+    seen = {}
+
+    @app.get("/listed/g")
+    def show_g():
+        seen["audited"] = g.audited and isinstance(g._get_current_object(), Audited)
+        seen["identity"] = str(g.identity.id)
+        return "ok"
+
+    client = app.test_client()
+    client.get("/login")
+    client.get("/listed/g")
+    assert seen == {"audited": True, "identity": "7"}
 
 
 # -- startup checks ---------------------------------------------------------------------
@@ -544,14 +701,9 @@ def test_missing_principal_internal_fails_at_construction(tmp_path, monkeypatch)
         IdentityMiddleware(app.wsgi_app)
 
 
-def test_flask_login_without_the_g_seam_fails_at_construction(tmp_path, monkeypatch):
-    import flask_login.utils
-
-    def _get_user():  # a version that keeps the user somewhere else
-        return None
-
-    monkeypatch.setattr(flask_login.utils, "_get_user", _get_user)
-    with pytest.raises(RuntimeError, match=r"Flask-Login 0\.6\.3.*_get_user does not read g\._login_user"):
+def test_flask_login_without_its_remember_cookie_hook_fails_at_construction(tmp_path, monkeypatch):
+    monkeypatch.delattr(LoginManager, "_update_remember_cookie")
+    with pytest.raises(RuntimeError, match=r"Flask-Login 0\.6\.3.*_update_remember_cookie is missing"):
         IdentityMiddleware(Flask("missing", root_path=str(tmp_path)).wsgi_app)
 
 
@@ -570,22 +722,6 @@ def test_principal_subclass_that_ignores_the_seam_fails_at_first_request(tmp_pat
     app.wsgi_app = IdentityMiddleware(app.wsgi_app)
     EagerPrincipal(app)
     with pytest.raises(RuntimeError, match=r"EagerPrincipal\._on_before_request no longer consults"):
-        app.test_client().get("/")
-
-
-def test_session_interface_whose_null_session_is_not_a_dict_fails_at_first_request(tmp_path):
-    from flask.sessions import SecureCookieSessionInterface
-
-    class Odd:
-        pass
-
-    class OddInterface(SecureCookieSessionInterface):
-        null_session_class = Odd
-
-    app = Flask("odd", root_path=str(tmp_path))
-    app.session_interface = OddInterface()
-    app.wsgi_app = IdentityMiddleware(app.wsgi_app)
-    with pytest.raises(RuntimeError, match="null_session_class"):
         app.test_client().get("/")
 
 

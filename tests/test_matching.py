@@ -6,6 +6,8 @@ would normalise the paths we want to send).
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import pytest
 from flask import Blueprint, Flask
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,14 @@ from hypothesis import strategies as st
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from identity_middleware.matching import CONFIRM_CACHE_SIZE, Classifier, canonical_problem
+from identity_middleware.matching import (
+    MEMO_BYTES,
+    MEMO_MAX_PATH,
+    Classifier,
+    PathMemo,
+    canonical_problem,
+    is_flask_static_view,
+)
 
 
 def environ(path: str, method: str = "GET", host: str = "localhost") -> dict:
@@ -103,6 +112,41 @@ def test_nested_blueprint_and_extension_statics_are_mounts(tmp_path):
     assert classifier.mounts["/fs-static/"] == "security.static"
     assert marked(classifier, "/parent/child/static/x.js")
     assert marked(classifier, "/fs-static/js/webauthn.js")
+
+
+def test_a_wrapped_static_view_is_not_flasks_static_view_and_marks_nothing(tmp_path):
+    (tmp_path / "static").mkdir()
+    app = Flask("wrapped", root_path=str(tmp_path))
+    original = app.view_functions["static"]
+    app.view_functions["static"] = lambda filename: original(filename=filename)
+    classifier = Classifier(app)
+    assert not is_flask_static_view(app, "static")
+    assert classifier.mounts == {}
+    assert not marked(classifier, "/static/app.css")
+
+
+def test_a_blueprint_view_named_static_is_dynamic_even_under_a_mount(app, tmp_path):
+    reports = Blueprint("reports", __name__, url_prefix="/static/reports")
+    reports.add_url_rule("/<name>", "static", lambda name: name)
+    app.register_blueprint(reports)
+    classifier = Classifier(app)
+    assert "/static/reports/" not in classifier.mounts
+    decision = classifier.explain("/static/reports/q3")
+    assert not decision.marked and decision.endpoint == "reports.static"
+    assert "does not run Flask's own static view" in decision.reason
+    assert marked(classifier, "/static/app.css")  # the app's own static view still counts
+
+
+def test_websocket_requests_are_never_marked_and_websocket_rules_are_no_mounts(app):
+    app.add_url_rule("/static/live", "live", lambda: "socket", websocket=True)
+    classifier = Classifier(app)
+    handshake = environ("/static/live")
+    handshake.update(HTTP_UPGRADE="websocket", HTTP_CONNECTION="Upgrade")
+    assert not classifier.classify(handshake)
+    assert "websocket" in classifier.explain("/static/live", environ=handshake).reason
+    # A plain GET of the same path is routed to the static view by werkzeug.
+    assert marked(classifier, "/static/live")
+    assert set(classifier.mounts) == {"/static/", "/widgets/static/"}
 
 
 # -- the decisions --------------------------------------------------------------------
@@ -278,6 +322,9 @@ def test_subdomain_matching_confirms_with_the_request_host(tmp_path):
     assert not marked(classifier, "/static/a.css", host="shop.example.com")
 
 
+@pytest.mark.skipif(
+    tuple(int(p) for p in version("flask").split(".")[:2]) < (3, 1), reason="TRUSTED_HOSTS is new in Flask 3.1"
+)
 def test_untrusted_host_is_never_marked(tmp_path):
     (tmp_path / "static").mkdir()
     app = Flask("trusted", root_path=str(tmp_path), host_matching=True, static_host="cdn.example.com")
@@ -304,15 +351,99 @@ def test_dynamic_paths_are_rejected_without_consulting_the_url_map(tmp_path):
     classifier = Classifier(app)
     for i in range(1000):
         assert not marked(classifier, f"/r{i}/5")
-    assert classifier._marked.cache_info().currsize == 0
-    assert classifier._confirm.cache_info().currsize == 0
+    assert len(classifier._marked) == len(classifier._confirm) == 0
+    assert classifier.memo_bytes() == 0
 
 
-def test_confirmation_cache_is_bounded(app):
+def test_memos_are_bounded_in_bytes_not_entries(app, monkeypatch):
+    from identity_middleware import matching
+
+    assert Classifier(app)._marked.maxsize == MEMO_BYTES
+    monkeypatch.setattr(matching, "MEMO_BYTES", 64 * 1024)
     classifier = Classifier(app)
-    for i in range(CONFIRM_CACHE_SIZE + 50):
-        assert marked(classifier, f"/static/f{i}.css")
-    assert classifier._marked.cache_info().currsize == CONFIRM_CACHE_SIZE
+    for i in range(1000):
+        assert marked(classifier, f"/static/{i:05d}/" + "x" * 200 + ".css")
+    for memo in classifier._memos:
+        assert memo.currsize <= memo.maxsize == 64 * 1024
+    # 1,000 entries of ~220 characters do not fit in 64 KB: the oldest were evicted.
+    assert 0 < len(classifier._marked) < 1000
+    assert marked(classifier, "/static/app.css")
+
+
+def test_paths_longer_than_the_memo_limit_are_decided_but_never_memoised(app):
+    classifier = Classifier(app)
+    long_path = "/static/" + "a" * MEMO_MAX_PATH + ".css"
+    assert marked(classifier, long_path)
+    assert not marked(classifier, "/static/config.js" + "x" * MEMO_MAX_PATH, "POST")
+    assert len(classifier._marked) == len(classifier._confirm) == 0
+    assert marked(classifier, "/static/app.css")
+    assert len(classifier._marked) == 1
+
+
+def test_memo_charges_key_and_value_strings_and_refuses_nothing_it_can_hold():
+    calls = []
+
+    def reason(path, method):
+        calls.append(path)
+        return (True, "because " + path)
+
+    memo = PathMemo(reason, max_bytes=10_000, max_path=5_000)
+    assert memo("/a", "GET") == (True, "because /a")
+    assert memo("/a", "GET") == (True, "because /a")
+    assert calls == ["/a"]
+    small = memo.currsize
+    memo("/" + "b" * 1000, "GET")
+    assert memo.currsize >= small + 2000  # the path is in the key and in the reason
+    memo("/" + "c" * 4999, "GET")  # larger than the budget alone: computed, not stored
+    assert memo.currsize <= 10_000 and len(memo) >= 1
+
+
+def _traced_growth(action) -> int:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_long_paths_leave_no_memory_behind_measured_with_tracemalloc(app):
+    """Issue 13: 4,096 distinct 64 KB paths under /static/ grew the process by ~254 MB."""
+    classifier = Classifier(app, ["/assets/"])
+    paths = [f"/static/{i}/" + "y" * (64 * 1024) for i in range(256)]  # 16 MB of distinct paths
+
+    def classify_all():
+        for path in paths:
+            assert classifier.classify(environ(path))
+
+    assert _traced_growth(classify_all) < 256 * 1024
+    assert classifier.memo_bytes() == 0
+
+
+def test_full_memos_hold_no_more_than_their_byte_budget_measured_with_tracemalloc(app, monkeypatch):
+    from identity_middleware import matching
+
+    budget = 128 * 1024
+    monkeypatch.setattr(matching, "MEMO_BYTES", budget)
+    classifier = Classifier(app)
+    paths = [f"/static/{i}/" + "z" * 40 for i in range(1500)]
+
+    def classify_all():
+        for path in paths:
+            classifier.classify(environ(path))
+            classifier.classify(environ(path, "HEAD"))
+
+    growth = _traced_growth(classify_all)
+    assert len(classifier._marked) < 1500  # the budget evicted entries
+    assert classifier.memo_bytes() <= 3 * budget
+    # What an entry is charged must not undercount what it really costs.
+    assert growth <= classifier.memo_bytes(), (growth, classifier.memo_bytes())
 
 
 def test_is_static_path_confirms_listed_and_routed_text_paths_for_serve_mode(app):
@@ -361,7 +492,7 @@ def _flask_routes_to_static(app: Flask, env: dict) -> bool:
         rule, _ = ctx.url_adapter.match(return_rule=True)
     except (HTTPException, RequestRedirect):
         return False
-    return rule.endpoint == "static" or rule.endpoint.endswith(".static")
+    return is_flask_static_view(app, rule.endpoint)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -384,5 +515,7 @@ def test_hostile_path_strategy_reaches_marked_and_shadowed_paths(app):
 
     classifier = Classifier(app, ("/favicon.ico", "/assets/"))
     search = settings(max_examples=5000, database=None)
-    assert find(hostile_paths(), lambda p: classifier.classify(environ(p)) and p.startswith("/widgets/"), settings=search)
+    assert find(
+        hostile_paths(), lambda p: classifier.classify(environ(p)) and p.startswith("/widgets/"), settings=search
+    )
     assert find(hostile_paths(), lambda p: "shadowed" in classifier.explain(p).reason, settings=search)

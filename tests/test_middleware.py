@@ -8,16 +8,17 @@ without the user cache, so every identity load is a loader call and SQL.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import pytest
 from conftest import count_sql
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, jsonify, request
 from werkzeug.test import EnvironBuilder
 
 from identity_middleware import ConfigError, IdentityMiddleware, is_static_request, static_safe
-from identity_middleware.flask_hooks import MARK, skip_identity_for_static_requests
+from identity_middleware.flask_hooks import MARK, MARKED_PATH, SAFE_ATTRIBUTE, StaticAwareSessionInterface
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_static_files_and_listed_paths_are_marked_and_load_no_identity(app, sess
     before = (stats.loader_calls, stats.identity_loaded_calls)
     with count_sql(stats.engine) as statements:
         environ, status, headers, body = raw_request(app, path, method, session_cookie)
-    assert environ.get(MARK) is True
+    assert environ.get(MARK) is True and environ[MARKED_PATH] == environ["PATH_INFO"]
     assert status.startswith("200")
     assert (stats.loader_calls, stats.identity_loaded_calls) == before
     assert statements == []
@@ -152,8 +153,33 @@ def test_is_static_request_reads_the_mark_from_an_environ_or_the_current_request
     client.get("/page")
     assert seen == [True, False]
     assert is_static_request() is False  # outside any request
-    assert is_static_request({MARK: True}) is True
+    assert is_static_request({MARK: True, MARKED_PATH: "/a.css", "PATH_INFO": "/a.css"}) is True
     assert is_static_request({}) is False
+
+
+def test_a_mark_whose_path_was_rewritten_inside_the_middleware_is_ignored(tmp_path):
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "app.css").write_text("body {}")
+    app = Flask("rewrite", root_path=str(tmp_path))
+    seen = []
+
+    @app.get("/static/app.css/raw")
+    def raw():
+        seen.append(is_static_request())
+        return "raw"
+
+    flask_app = app.wsgi_app
+
+    def add_suffix(environ, start_response):  # an inner middleware that rewrites the path
+        environ["PATH_INFO"] += "/raw"
+        return flask_app(environ, start_response)
+
+    add_suffix.app = flask_app  # exposes the app, as many wrappers do
+    app.wsgi_app = IdentityMiddleware(add_suffix)
+    environ = EnvironBuilder(path="/static/app.css").get_environ()
+    status, headers, body = call(app, environ)
+    assert body == b"raw" and environ[MARK] is True
+    assert seen == [False]  # Flask routes /static/app.css/raw: the mark does not apply to it
 
 
 # -- wrapping ---------------------------------------------------------------------------
@@ -164,8 +190,9 @@ def _hello(environ, start_response):
     return [repr(environ.get(MARK)).encode()]
 
 
-def test_any_wsgi_callable_can_be_wrapped_and_only_listed_paths_are_marked():
-    middleware = IdentityMiddleware(_hello, static_paths="/favicon.ico, /assets/")
+def test_any_wsgi_callable_can_be_wrapped_and_only_listed_paths_are_marked(caplog):
+    with caplog.at_level(logging.WARNING, logger="identity_middleware"):
+        middleware = IdentityMiddleware(_hello, static_paths="/favicon.ico, /assets/")
     assert middleware.app is None
     assert middleware.listed == ("/favicon.ico", "/assets/")
     for path, expected in [("/favicon.ico", b"True"), ("/assets/a.js", b"True"), ("/static/app.css", b"None")]:
@@ -173,15 +200,53 @@ def test_any_wsgi_callable_can_be_wrapped_and_only_listed_paths_are_marked():
         status, headers, body = call(middleware, environ)
         assert body == expected, path
     assert not middleware.explain("/static/app.css").marked
+    # Said loudly, once, at construction: no app found, only listed paths, and the fix.
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "test_middleware._hello" in warning and "found no Flask app" in warning
+    assert "app.wsgi_app = Other(IdentityMiddleware(app.wsgi_app))" in warning
 
 
-def test_wrapping_another_middleware_does_not_guess_the_flask_app(tmp_path):
+def test_proxy_fix_outside_the_app_is_seen_through_without_a_warning(tmp_path, caplog):
     from werkzeug.middleware.proxy_fix import ProxyFix
 
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "app.css").write_text("body {}")
     app = Flask("proxied", root_path=str(tmp_path))
-    middleware = IdentityMiddleware(ProxyFix(app.wsgi_app), ["/favicon.ico"])
-    assert middleware.app is None
-    assert "identity_middleware" not in app.extensions
+    app.config["SECRET_KEY"] = "test"
+    seen = []
+
+    @app.after_request
+    def record(response):
+        seen.append((is_static_request(), request.scheme))
+        return response
+
+    proxy_fix = ProxyFix(app.wsgi_app, x_proto=1)
+    with caplog.at_level(logging.WARNING, logger="identity_middleware"):
+        app.wsgi_app = IdentityMiddleware(proxy_fix)
+    assert app.wsgi_app.app is app and app.wsgi_app.wrappers == (proxy_fix,)
+    assert app.extensions["identity_middleware"] is app.wsgi_app
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    response = app.test_client().get("/static/app.css", headers={"X-Forwarded-Proto": "https"})
+    assert response.status_code == 200 and "Set-Cookie" not in response.headers
+    assert seen == [(True, "https")]
+    assert isinstance(app.session_interface, StaticAwareSessionInterface)
+
+
+def test_an_unknown_wrapper_that_exposes_the_app_is_named_in_a_warning(tmp_path, caplog):
+    class Prefixer:
+        def __init__(self, app):
+            self.app = app
+
+        def __call__(self, environ, start_response):
+            return self.app(environ, start_response)
+
+    app = Flask("prefixed", root_path=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="identity_middleware"):
+        middleware = IdentityMiddleware(Prefixer(app.wsgi_app))
+    assert middleware.app is app
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert ".Prefixer," in warning and "not known to keep PATH_INFO unchanged" in warning
+    assert "app.wsgi_app = Other(IdentityMiddleware(app.wsgi_app))" in warning
 
 
 def test_wrapping_the_flask_app_object_itself_knows_the_app(tmp_path):
@@ -236,8 +301,11 @@ def test_first_requests_in_parallel_install_the_hooks_once(app, session_cookie):
     for thread in threads:
         thread.join()
     assert results == [True] * 8
-    assert app.before_request_funcs[None].count(skip_identity_for_static_requests) == 1
-    assert app.before_request_funcs[None][0] is skip_identity_for_static_requests
+    hooks = app.before_request_funcs[None] + app.after_request_funcs[None]
+    assert [getattr(f, "__wrapped__", f).__name__ for f in hooks if getattr(f, SAFE_ATTRIBUTE, False)] == [
+        "_on_before_request",
+        "_update_remember_cookie",
+    ]
     assert app.extensions["example"].loader_calls == 0
 
 
@@ -342,3 +410,43 @@ def test_serve_mode_answers_indexed_files_before_flask_and_falls_through_otherwi
     assert client.post("/static/app.css").status_code == 405
     assert client.get("/assets/missing.js").status_code == 404
     assert entered == ["/static/config.js", "/static/missing.css", "/static/app.css", "/assets/missing.js"]
+
+
+def test_behind_a_wrapper_a_host_matching_map_marks_only_listed_paths(tmp_path):
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "app.css").write_text("body {}")
+    app = Flask("hosts", root_path=str(tmp_path), host_matching=True, static_host="cdn.test")
+    middleware = IdentityMiddleware(ProxyFix(app.wsgi_app, x_host=1), ["/favicon.ico"])
+    environ = EnvironBuilder(path="/static/app.css", headers={"Host": "cdn.test"}).get_environ()
+    assert not middleware.classifier.classify(environ)
+    assert "may change the host" in middleware.classifier.explain("/static/app.css", environ=environ).reason
+    # Wrapped directly, the host seen is the host Flask routes on: confirmed.
+    assert IdentityMiddleware(app.wsgi_app).classifier.classify(environ)
+
+
+def test_server_timing_of_a_marked_request_that_loads_the_user_names_the_cache_outcome(sqlite_url):
+    from examples.app import create_app
+    from flask_login import current_user
+
+    from conftest import log_in
+
+    app = create_app(sqlite_url, config={"IDENTITY_DEBUG_HEADERS": True})
+
+    @app.after_request
+    def audit(response):
+        if request.path.startswith("/widgets/"):
+            response.headers["X-User"] = current_user.get_id() or "anonymous"
+        return response
+
+    client = log_in(app.test_client())
+    app.extensions["example"].user_cache.invalidate_all()
+
+    def desc(path):
+        [value] = [v for v in client.get(path).headers.getlist("Server-Timing") if v.startswith("identity;")]
+        return value.split('"')[1]
+
+    assert desc("/static/app.css") == "static"  # nothing asked
+    assert desc("/widgets/static/widget.css") == "miss"  # the audit hook asked: loaded on demand
+    assert desc("/widgets/static/widget.css") == "hit"
