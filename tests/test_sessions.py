@@ -129,6 +129,12 @@ def make_app(*, wrapped: bool = True, middleware: bool = False, **config) -> Fla
     def plain():
         return "no session here"
 
+    @app.get("/vary")
+    def vary():
+        response = app.make_response("varies")
+        response.headers["vary"] = "Accept-Encoding"
+        return response
+
     @app.after_request
     def observe(response):
         # Everything a view or hook can see of the session, with exact types.
@@ -260,6 +266,15 @@ def test_an_unchanged_logged_in_session_is_not_re_signed_but_still_varies_on_coo
         else:
             assert set_cookies(response) == []
             assert session_cookie(client) == cookie
+    assert interface(ours).stats().writes_skipped == 1
+
+
+def test_vary_keeps_what_the_view_set_and_adds_cookie_as_flask_does():
+    ours, bare = make_app(), make_app(wrapped=False)
+    for app in (ours, bare):
+        client = app.test_client()
+        client.post("/login/1")
+        assert client.get("/vary").headers.getlist("Vary") == ["Accept-Encoding, Cookie"]
     assert interface(ours).stats().writes_skipped == 1
 
 
@@ -728,6 +743,7 @@ SCRIPT = [
     ("POST", "/login/1", None),
     ("GET", "/me", None),
     ("GET", "/admin", None),
+    ("GET", "/vary", None),
     ("POST", "/set", {"n": 1, "s": "a", "l": [1, 2], "d": {"x": {"y": [1]}}}),
     ("GET", "/me", None),
     ("POST", "/set", {"n": True}),
