@@ -40,9 +40,10 @@ which does the same job with less work:
 
 Only interfaces whose behaviour we know are wrapped: ``SecureCookieSessionInterface``
 and subclasses that keep its ``open_session``, ``save_session``,
-``get_signing_serializer`` and ``should_set_cookie`` (they may change the salt,
-the serializer, the session class, the cookie name and other settings, which
-are read on every request). Anything else -- Flask-Session, a custom store --
+``get_signing_serializer`` and ``should_set_cookie`` and Flask's tagged JSON
+serializer (they may change the salt, the digest, the session class, the cookie
+name and other settings, which are read on every request; tags an app
+registers on the serializer are fine). Anything else -- Flask-Session, a custom store --
 is left alone; so is everything when Flask's own methods no longer have the
 shape this module mirrors (checked when installing). Leaving an interface alone
 only costs speed.
@@ -63,6 +64,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from weakref import ref
 
 from cachetools import LRUCache
+from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SecureCookieSessionInterface, SessionInterface
 from itsdangerous import BadSignature
 from markupsafe import Markup
@@ -79,6 +81,7 @@ __all__ = [
     "SessionStats",
     "find",
     "install",
+    "unsupported",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,6 +244,8 @@ def unsupported(interface: object) -> str | None:
             SecureCookieSessionInterface, method
         ):
             return f"{type(interface).__qualname__} overrides {method}"
+    if not isinstance(interface.serializer, TaggedJSONSerializer):
+        return f"its serializer is a {type(interface.serializer).__qualname__}, not Flask's tagged JSON"
     return _flask_problem()
 
 
@@ -347,7 +352,9 @@ class CachedCookieSessionInterface(SessionInterface):
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         """Flask's ``open_session``, answered from the decode cache when the cookie was verified before."""
         inner: Any = self.__wrapped__
-        if not app.secret_key:
+        if not app.secret_key or not isinstance(inner.serializer, TaggedJSONSerializer):
+            # No key: Flask's null session. Another serializer (set after install) may not
+            # encode equal values alike: Flask decodes it, and without a baseline it is saved as usual.
             return inner.open_session(app, request)  # type: ignore[no-any-return]
         value = request.cookies.get(inner.get_cookie_name(app))
         if not value:

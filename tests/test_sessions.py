@@ -684,6 +684,34 @@ def test_a_subclass_that_overrides_what_we_mirror_is_left_alone(override):
     assert sessions.unsupported(custom) == f"Custom overrides {override}"
 
 
+def test_an_interface_with_another_serializer_is_left_alone_also_when_set_after_install():
+    class StampingSerializer:
+        """Not deterministic in its input: equal sessions make different cookies."""
+
+        def dumps(self, value):
+            return json.dumps({**value, "stamp": uuid.uuid4().hex})
+
+        def loads(self, text):
+            return json.loads(text)
+
+    custom = SecureCookieSessionInterface()
+    custom.serializer = StampingSerializer()
+    app = make_app(wrapped=False)
+    app.session_interface = custom
+    assert sessions.install(app) is False
+    assert "StampingSerializer" in sessions.unsupported(custom)
+
+    app = make_app()
+    client = app.test_client()
+    client.post("/login/1")
+    app.session_interface.serializer = StampingSerializer()  # lands on Flask's interface
+    client.post("/login/1")
+    first = session_cookie(client)
+    response = client.get("/me")
+    assert len(set_cookies(response)) == 1 and session_cookie(client) != first  # Flask's behaviour
+    assert interface(app).stats().writes_skipped == 0
+
+
 def test_another_kind_of_interface_is_left_alone():
     class ServerSide(SessionInterface):
         def open_session(self, app, request):
