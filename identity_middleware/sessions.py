@@ -27,6 +27,13 @@ which does the same job with less work:
   the full lifetime after its last request, instead of exactly at the lifetime.
   A permanent session with ``SESSION_REFRESH_EACH_REQUEST`` (Flask's default)
   is written on every request, as Flask does: that is what the setting asks for.
+  And a write also restates the cookie's attributes (name, domain, path,
+  ``Secure``, ``HttpOnly``, ``SameSite``, ``Partitioned``, the lifetime behind
+  ``Expires``): a cookie signed before this process first saved a session, or
+  before those settings last changed in it, is written once more, so changed
+  settings reach the browser as soon as Flask would have sent them. (During a
+  rolling deploy, a cookie another process signed later with older settings
+  keeps them until its next refresh.)
 * **Verified decodes are cached**, keyed by the exact cookie string, in a
   cache bounded in bytes (cookies are chosen by the client; each entry is
   charged its cookie, an estimate of its decoded data and a fixed overhead,
@@ -308,7 +315,7 @@ class CachedCookieSessionInterface(SessionInterface):
     a cookie is verified; sessions of concurrent requests are separate objects.
     """
 
-    __slots__ = ("__wrapped__", "_cache", "_counts", "_keys", "_loaded", "_lock")
+    __slots__ = ("__wrapped__", "_attributes", "_cache", "_counts", "_keys", "_loaded", "_lock", "_since")
 
     def __init__(self, wrapped: SessionInterface, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if not isinstance(max_bytes, int) or max_bytes < 0:
@@ -320,6 +327,8 @@ class CachedCookieSessionInterface(SessionInterface):
         set_(self, "_keys", None)  # what the cached entries were verified with
         set_(self, "_loaded", {})  # id(session) -> (weakref, _Decoded) for sessions we opened
         set_(self, "_counts", [0, 0, 0, 0, 0])  # hits, misses, rejected, skipped, writes
+        set_(self, "_attributes", None)  # the cookie attributes a write sent when last asked
+        set_(self, "_since", 0)  # cookies signed up to this second are written again
 
     # Attributes belong to the wrapped interface.
     def __getattr__(self, name: str) -> Any:
@@ -428,29 +437,60 @@ class CachedCookieSessionInterface(SessionInterface):
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         """Flask's ``save_session``, except that an unchanged, recently signed session is not re-signed."""
         entry = self._loaded.pop(id(session), None)
-        if entry is not None and entry[0]() is session and self._unchanged(app, session, entry[1]):
-            self._counts[3] += 1
-            # As the write would have. Parsing and rewriting Vary through response.vary
-            # costs ~10 us; with no Vary yet, the result is the same header.
-            if "Vary" in response.headers:
-                response.vary.add("Cookie")
-            else:
-                response.headers["Vary"] = "Cookie"
-            return
+        if session.modified:  # Flask may write: note the attributes a write sends now
+            attributes_since = self._attributes_since(app, int(time.time()))
+            if entry is not None and entry[0]() is session and self._unchanged(app, session, entry[1], attributes_since):
+                self._counts[3] += 1
+                # As the write would have. Parsing and rewriting Vary through response.vary
+                # costs ~10 us; with no Vary yet, the result is the same header.
+                if "Vary" in response.headers:
+                    response.vary.add("Cookie")
+                else:
+                    response.headers["Vary"] = "Cookie"
+                return
         self._counts[4] += 1
         self.__wrapped__.save_session(app, session, response)
 
-    @staticmethod
-    def _unchanged(app: Flask, session: SessionMixin, decoded: _Decoded) -> bool:
+    def _unchanged(self, app: Flask, session: SessionMixin, decoded: _Decoded, attributes_since: int) -> bool:
         """Flask would write only to restate what the cookie holds, and the cookie is fresh enough."""
-        if not session or not session.modified:
-            return False  # Flask writes nothing, or deletes the cookie: let it
-        if session.permanent and app.config["SESSION_REFRESH_EACH_REQUEST"]:
-            return False  # a refresh on every request is what the app asked for
+        if not session:
+            return False  # Flask deletes the cookie: let it
+        if session.permanent:
+            if app.config["SESSION_REFRESH_EACH_REQUEST"]:
+                return False  # a refresh on every request is what the app asked for
+            if type(self.__wrapped__).get_expiration_time is not SessionInterface.get_expiration_time:
+                return False  # an Expires we cannot reason about
+        if decoded.timestamp <= attributes_since:
+            return False  # the browser's cookie may carry other attributes than a write would send
         lifetime = int(app.permanent_session_lifetime.total_seconds())
         if int(time.time()) - decoded.timestamp >= max(1, lifetime // REFRESH_FRACTION):
             return False
         return _same(decoded.data, dict(session))
+
+    def _attributes_since(self, app: Flask, now: int) -> int:
+        """The last second in which the cookie's attributes may have differed from what a write sends now.
+
+        A write sends the name, domain, path, flags and (for a permanent session)
+        an Expires derived from the lifetime. A cookie signed before this process
+        first saved a session, or before those settings last changed, may carry
+        others, so it is written once; cookies signed since carry these.
+        """
+        inner: Any = self.__wrapped__
+        partitioned = getattr(inner, "get_cookie_partitioned", None)  # Flask >= 3.1
+        attributes = (
+            inner.get_cookie_name(app),
+            inner.get_cookie_domain(app),
+            inner.get_cookie_path(app),
+            inner.get_cookie_secure(app),
+            partitioned(app) if partitioned is not None else None,
+            inner.get_cookie_samesite(app),
+            inner.get_cookie_httponly(app),
+            app.permanent_session_lifetime,
+        )
+        if attributes != self._attributes:
+            object.__setattr__(self, "_since", now if self._attributes is not None else now - 1)
+            object.__setattr__(self, "_attributes", attributes)
+        return self._since  # type: ignore[no-any-return]
 
 
 def _charge(decoded: _Decoded) -> int:
