@@ -3,7 +3,10 @@
 Real Flask + Flask-Login + Flask-Principal apps, with and without
 ``identity_middleware.sessions.install``. Where an assertion says "as Flask
 does", the same requests go to the same app without the wrapper, so the
-assertion fails if the two differ.
+assertion fails if the two differ. At the end, Flask's and Flask-Login's own
+tests (from the sdists of the installed versions, downloaded once like
+``test_flask_login_suite.py`` does) run with the wrapper on every app they
+create and must end exactly as they end without it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from flask_principal import (
 )
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from markupsafe import Markup
+from test_flask_login_suite import suite_dir  # noqa: F401 -- the fixture: Flask-Login's tests, downloaded once
 from werkzeug.test import EnvironBuilder
 
 from identity_middleware import IdentityMiddleware, sessions
@@ -910,7 +914,10 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="module")
 def flask_suite_dir() -> Path:
     """Flask's ``tests/`` for the installed version, downloaded once (as Flask-Login's suite is)."""
-    from test_flask_login_suite import _cache_root, _extract_tests
+    from test_flask_login_suite import (  # one download helper for both
+        _cache_root,
+        _extract_tests,
+    )
 
     flask_version = importlib.metadata.version("flask")
     final = _cache_root() / f"flask-{flask_version}"
@@ -921,7 +928,7 @@ def flask_suite_dir() -> Path:
         download = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
              f"flask=={flask_version}", "--dest", tmp, "--quiet"],
-            capture_output=True, text=True, timeout=180,
+            capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
         sdists = list(Path(tmp).glob("*.tar.gz"))
         if download.returncode != 0 or not sdists:
@@ -937,7 +944,10 @@ def flask_suite_dir() -> Path:
     return final
 
 
-def _run_flask_suite(suite: Path, tmp_path: Path, *, wrap: bool) -> tuple[dict, set[str], int]:
+def _run_flask_suite(
+    suite: Path, tmp_path: Path, *, wrap: bool, files: tuple[str, ...] = FLASK_SUITE_FILES
+) -> tuple[dict, set[str], int]:
+    """Run ``files`` of a downloaded suite, with or without the wrapper: report, failed tests, passed count."""
     plugin_dir = tmp_path / "plugin"
     plugin_dir.mkdir(exist_ok=True)
     (plugin_dir / "sessions_suite_plugin.py").write_text(_FLASK_SUITE_PLUGIN, encoding="utf-8")
@@ -947,8 +957,8 @@ def _run_flask_suite(suite: Path, tmp_path: Path, *, wrap: bool) -> tuple[dict, 
     subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "sessions_suite_plugin", "-p", "no:cacheprovider",
          "-p", "no:randomly", "-c", str(suite / "pytest.ini"), "--rootdir", str(suite), f"--junitxml={junit}",
-         *(str(suite / "tests" / name) for name in FLASK_SUITE_FILES)],
-        cwd=suite, env=env, capture_output=True, text=True, timeout=300,
+         *(str(suite / "tests" / name) for name in files)],
+        cwd=suite, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     failed, passed = set(), 0
     for case in ET.parse(junit).getroot().iter("testcase"):
@@ -969,3 +979,12 @@ def test_flasks_own_session_tests_pass_alike_with_the_wrapper_on_every_app(flask
     assert passed_wrapped == passed_bare
     assert report["apps_wrapped"] > 150, report  # the plugin was in the path, not an inert run
     assert report["hits"] > 0, report
+
+
+def test_flask_logins_own_suite_passes_alike_with_the_wrapper_on_every_app(suite_dir, tmp_path):  # noqa: F811
+    files = ("test_login.py",)
+    _, failed_bare, passed_bare = _run_flask_suite(suite_dir, tmp_path, wrap=False, files=files)
+    report, failed_wrapped, passed_wrapped = _run_flask_suite(suite_dir, tmp_path, wrap=True, files=files)
+    assert passed_bare > 50
+    assert (failed_wrapped, passed_wrapped) == (failed_bare, passed_bare)
+    assert report["apps_wrapped"] > 50, report
