@@ -43,7 +43,8 @@ which does the same job with less work:
   ``SECRET_KEY``, ``SECRET_KEY_FALLBACKS``, salt, digest, key derivation or
   serializer empties the cache. Every request gets a new session object whose
   nested dicts and lists are its own. Data holding types other than those
-  Flask's tagged JSON produces (an app's own serializer tags) is not cached.
+  Flask's tagged JSON produces (an app's own serializer tags) is neither
+  cached nor spared a write: Flask handles it as usual.
 
 Only interfaces whose behaviour we know are wrapped: ``SecureCookieSessionInterface``
 and subclasses that keep its ``open_session``, ``save_session``,
@@ -57,7 +58,9 @@ only costs speed.
 
 The wrapper delegates every attribute to the interface it wraps (reachable as
 ``__wrapped__``), so other wrappers -- the static-request one in
-:mod:`identity_middleware.flask_hooks` -- can wrap it in turn.
+:mod:`identity_middleware.flask_hooks` -- can wrap it in turn. Install it
+first: an unknown wrapper around Flask's interface hides it, and :func:`install`
+then leaves the app alone.
 """
 
 from __future__ import annotations
