@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick]``: every benchmark in one process, one markdown table.
 
 Runs each benchmark module that exists (``static_skip``, ``cache_hit``,
-``sqlalchemy_hit``, ``redis_versions``, ``serve_static``), in that order, and
+``sqlalchemy_hit``, ``redis_versions``, ``serve_static``, ``dynamic``), in that order, and
 prints one table of times and ratios against the anchors each module measured
 side by side -- naive Login + Principal app, ``Principal(skip_static=True)``,
 bare Flask, Flask-Caching + pickle, cachetools' locked ``@cached``, WhiteNoise,
@@ -34,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 #: Run order: the foundation first, then the cache, then what builds on them.
-MODULES = ("static_skip", "cache_hit", "sqlalchemy_hit", "redis_versions", "serve_static")
+MODULES = ("static_skip", "cache_hit", "sqlalchemy_hit", "redis_versions", "serve_static", "dynamic")
 
 #: Package versions noted with the machine.
 PACKAGES = (
@@ -59,6 +59,7 @@ ANCHOR_NAMES = {
     "fresh_load": "fresh load",
     "sqlalchemy": "SQLAlchemy load",
     "url_map": "URL-map match",
+    "no_auth": "no-auth app",
 }
 
 _IDENTITY_KEYS = ("benchmark", "case", "variant", "name")
