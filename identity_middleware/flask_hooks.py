@@ -77,6 +77,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from flask import Flask, g, has_request_context, request
 from flask.sessions import SessionInterface
 
+from . import sessions
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
     from flask import Request, Response
@@ -250,6 +252,9 @@ def install(app: Flask) -> None:
     from flask_principal import Principal
 
     verify_internals()
+    # Signed-cookie sessions: unchanged sessions are not re-signed, verified cookies are
+    # remembered (sessions.py). Inside ours, so a marked request still decodes nothing.
+    sessions.install(app)
     _wrap_session_interface(app)
     _wrap_globals_class(app)
     before: list[Any]
@@ -524,43 +529,16 @@ def _wrap_session_interface(app: Flask) -> None:
         app.session_interface = StaticAwareSessionInterface(app.session_interface)
 
 
-def _delegated(name: str) -> property:
-    def get(self: StaticAwareSessionInterface) -> Any:
-        return getattr(self.__wrapped__, name)
-
-    return property(get, doc=f"The wrapped interface's ``{name}``.")
-
-
-class StaticAwareSessionInterface(SessionInterface):
+class StaticAwareSessionInterface(sessions.WrappingSessionInterface):
     """The app's session interface, except that a marked request's session opens lazily.
 
     Flask opens the session before any app code runs, so the only place to
     avoid decoding the cookie of a static request is the interface itself.
-    Every attribute -- ``null_session_class``, the cookie settings, a
-    Flask-Session interface's ``client`` -- is read from and written to the
-    wrapped interface, which stays reachable as ``__wrapped__`` (it may itself
-    be a wrapper: this one delegates to whatever it wraps). An ``isinstance``
-    test against the wrapped interface's own class does not see through it.
+    Everything else is the wrapped interface's (see
+    :class:`~identity_middleware.sessions.WrappingSessionInterface`).
     """
 
-    __slots__ = ("__wrapped__",)
-
-    def __init__(self, wrapped: SessionInterface) -> None:
-        object.__setattr__(self, "__wrapped__", wrapped)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "__wrapped__":  # not set yet (a copy being built): no recursion
-            raise AttributeError(name)
-        return getattr(self.__wrapped__, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.__wrapped__, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        delattr(self.__wrapped__, name)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} wrapping {self.__wrapped__!r}>"
+    __slots__ = ()
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         """A :class:`LazySession` for a marked request (nothing read yet), else the wrapped one's."""
@@ -591,8 +569,3 @@ class StaticAwareSessionInterface(SessionInterface):
 #: The name this class had before it was public (kept for code written against it).
 _StaticAwareSessionInterface = StaticAwareSessionInterface
 
-# SessionInterface's own attributes would shadow __getattr__: forward each of them too.
-for _name in vars(SessionInterface):
-    if not _name.startswith("__") and _name not in vars(StaticAwareSessionInterface):
-        setattr(StaticAwareSessionInterface, _name, _delegated(_name))
-del _name

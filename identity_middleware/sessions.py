@@ -89,6 +89,7 @@ __all__ = [
     "REFRESH_FRACTION",
     "CachedCookieSessionInterface",
     "SessionStats",
+    "WrappingSessionInterface",
     "find",
     "install",
     "unsupported",
@@ -299,41 +300,21 @@ def install(app: Flask, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
 # -- the wrapper -------------------------------------------------------------------------
 
 
-def _delegated(name: str) -> property:
-    def get(self: CachedCookieSessionInterface) -> Any:
-        return getattr(self.__wrapped__, name)
+class WrappingSessionInterface(SessionInterface):
+    """Base of our session-interface wrappers: everything not overridden is the wrapped one's.
 
-    return property(get, doc=f"The wrapped interface's ``{name}``.")
-
-
-class CachedCookieSessionInterface(SessionInterface):
-    """A signed-cookie session interface that skips unchanged writes and repeated checks.
-
-    ``wrapped`` is a ``SecureCookieSessionInterface`` (see :func:`unsupported`);
-    every attribute other than the methods below is read from and written to it,
-    and it stays reachable as ``__wrapped__``. ``max_bytes`` bounds the decode
-    cache. ``stats()`` returns :class:`SessionStats`.
-
-    Thread-safe: the decode cache is guarded by a lock that is never held while
-    a cookie is verified; sessions of concurrent requests are separate objects.
+    Every attribute -- ``null_session_class``, the cookie settings, a Flask-Session
+    interface's ``client`` -- is read from and written to the wrapped interface,
+    which stays reachable as ``__wrapped__`` (it may itself be a wrapper). An
+    ``isinstance`` test against the wrapped interface's own class does not see
+    through a wrapper.
     """
 
-    __slots__ = ("__wrapped__", "_attributes", "_cache", "_counts", "_keys", "_loaded", "_lock", "_since")
+    __slots__ = ("__wrapped__",)
 
-    def __init__(self, wrapped: SessionInterface, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative int, not {max_bytes!r}")
-        set_ = object.__setattr__
-        set_(self, "__wrapped__", wrapped)
-        set_(self, "_cache", LRUCache(maxsize=max_bytes, getsizeof=_charge))
-        set_(self, "_lock", threading.Lock())
-        set_(self, "_keys", None)  # what the cached entries were verified with
-        set_(self, "_loaded", {})  # id(session) -> (weakref, _Decoded) for sessions we opened
-        set_(self, "_counts", [0, 0, 0, 0, 0])  # hits, misses, rejected, skipped, writes
-        set_(self, "_attributes", None)  # the cookie attributes a write sent when last asked
-        set_(self, "_since", 0)  # cookies signed up to this second are written again
+    def __init__(self, wrapped: SessionInterface) -> None:
+        object.__setattr__(self, "__wrapped__", wrapped)
 
-    # Attributes belong to the wrapped interface.
     def __getattr__(self, name: str) -> Any:
         if name == "__wrapped__":  # not set yet (a copy being built): no recursion
             raise AttributeError(name)
@@ -347,6 +328,49 @@ class CachedCookieSessionInterface(SessionInterface):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} wrapping {self.__wrapped__!r}>"
+
+
+def _delegated(name: str) -> property:
+    def get(self: WrappingSessionInterface) -> Any:
+        return getattr(self.__wrapped__, name)
+
+    return property(get, doc=f"The wrapped interface's ``{name}``.")
+
+
+# SessionInterface's own attributes would shadow __getattr__: forward each of them too.
+# Subclasses override the methods they implement; the rest stay the wrapped interface's.
+for _name in vars(SessionInterface):
+    if not _name.startswith("__"):
+        setattr(WrappingSessionInterface, _name, _delegated(_name))
+del _name
+
+
+class CachedCookieSessionInterface(WrappingSessionInterface):
+    """A signed-cookie session interface that skips unchanged writes and repeated checks.
+
+    ``wrapped`` is a ``SecureCookieSessionInterface`` (see :func:`unsupported`);
+    every attribute other than the methods below is read from and written to it,
+    and it stays reachable as ``__wrapped__``. ``max_bytes`` bounds the decode
+    cache. ``stats()`` returns :class:`SessionStats`.
+
+    Thread-safe: the decode cache is guarded by a lock that is never held while
+    a cookie is verified; sessions of concurrent requests are separate objects.
+    """
+
+    __slots__ = ("_attributes", "_cache", "_counts", "_keys", "_loaded", "_lock", "_since")
+
+    def __init__(self, wrapped: SessionInterface, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int, not {max_bytes!r}")
+        super().__init__(wrapped)
+        set_ = object.__setattr__
+        set_(self, "_cache", LRUCache(maxsize=max_bytes, getsizeof=_charge))
+        set_(self, "_lock", threading.Lock())
+        set_(self, "_keys", None)  # what the cached entries were verified with
+        set_(self, "_loaded", {})  # id(session) -> (weakref, _Decoded) for sessions we opened
+        set_(self, "_counts", [0, 0, 0, 0, 0])  # hits, misses, rejected, skipped, writes
+        set_(self, "_attributes", None)  # the cookie attributes a write sent when last asked
+        set_(self, "_since", 0)  # cookies signed up to this second are written again
 
     def stats(self) -> SessionStats:
         with self._lock:
@@ -501,7 +525,3 @@ def _charge(decoded: _Decoded) -> int:
 
 
 # SessionInterface's own attributes would shadow __getattr__: forward each of them too.
-for _name in vars(SessionInterface):
-    if not _name.startswith("__") and _name not in vars(CachedCookieSessionInterface):
-        setattr(CachedCookieSessionInterface, _name, _delegated(_name))
-del _name

@@ -16,7 +16,7 @@ from identity_middleware import sessions
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     apps = dynamic.build(str(tmp_path_factory.mktemp("dynamic")))
-    return apps, dynamic.logged_in_environ(apps[dynamic.NAIVE])
+    return apps, dynamic.shared_login(*apps.values())
 
 
 def test_every_variant_answers_the_same_bytes_and_only_the_naive_app_runs_sql(built):
@@ -44,7 +44,7 @@ def test_only_the_sessions_variant_stops_re_signing_the_unchanged_cookie(built):
 
 def test_the_instrumented_twin_times_every_part_inside_real_requests(tmp_path):
     apps = {name: app for name, app in dynamic.build(str(tmp_path)).items() if name in dynamic.TIMED}
-    environ = dynamic.logged_in_environ(apps[dynamic.NAIVE])
+    environ = dynamic.shared_login(*apps.values())
     dynamic._check(apps, environ)
     timed = {name: (app, dynamic.instrument(app)) for name, app in apps.items()}
     totals, parts = dynamic._measure({}, timed, environ, rounds=2, batch=3)

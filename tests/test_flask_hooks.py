@@ -110,7 +110,9 @@ def test_dynamic_responses_are_the_same_as_without_the_middleware(app, naive):
             assert {**wrapped.json, "pid": 0} == {**plain.json, "pid": 0}
         else:
             assert wrapped.data == plain.data, path
-        assert ("Set-Cookie" in wrapped.headers) == ("Set-Cookie" in plain.headers), path
+        # Never a cookie the bare app would not send; an unchanged session that the bare app
+        # only re-signs (Principal's saver) is not resent (sessions.py, DESIGN 5.0).
+        assert ("Set-Cookie" in wrapped.headers) <= ("Set-Cookie" in plain.headers), path
         assert wrapped.vary == plain.vary, path
 
 
@@ -419,8 +421,8 @@ def test_an_unobserved_static_request_does_not_decode_the_session_cookie(tmp_pat
     assert serializer.decoded == decoded
     assert client.get("/favicon.ico").json["anonymous"] is False  # a view that asks decodes once
     assert serializer.decoded == decoded + 1
-    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # pages still do
-    assert serializer.decoded == decoded + 2
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # pages still read it...
+    assert serializer.decoded == decoded + 1  # ...from the verified decode of the same cookie (sessions.py)
 
 
 def test_a_custom_session_interface_set_before_the_first_request_is_wrapped_and_used(tmp_path):
