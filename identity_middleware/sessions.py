@@ -107,8 +107,9 @@ MAX_COOKIE_CHARS = 4096
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 
 #: Bytes charged per entry on top of the cookie and the data (objects, the LRU links).
-#: ``tests/test_sessions.py`` measures that this over-estimates real memory.
-_ENTRY_OVERHEAD = 600
+#: ``tests/test_sessions.py`` measures that this over-estimates real memory (CPython 3.10's
+#: objects are larger than 3.11's: 600 sufficed on 3.11, not on 3.10).
+_ENTRY_OVERHEAD = 800
 
 #: Bytes charged per container or value inside the decoded data.
 _NODE_OVERHEAD = 80
@@ -122,8 +123,9 @@ _FLASK_SHAPE = {
                      "session_class", "BadSignature"),
     "save_session": ("should_set_cookie", "vary", "set_cookie", "delete_cookie", "modified", "dumps"),
     "should_set_cookie": ("modified", "permanent", "SESSION_REFRESH_EACH_REQUEST"),
-    "get_signing_serializer": ("secret_key", "SECRET_KEY_FALLBACKS", "salt", "serializer", "key_derivation",
-                               "digest_method"),
+    # SECRET_KEY_FALLBACKS (Flask >= 3.1) is not required: the cache key always includes
+    # it, so with a Flask that ignores it the key is merely wider than the signer's.
+    "get_signing_serializer": ("secret_key", "salt", "serializer", "key_derivation", "digest_method"),
 }  # fmt: skip
 
 

@@ -219,7 +219,7 @@ class SQLAlchemyBinding:
         # user_id: None (the primary key), an attribute name, or any callable.
         self._id_attribute = user_id if isinstance(user_id, str) else None
         self._user_id = operator.attrgetter(user_id) if isinstance(user_id, str) else user_id
-        mapper: Mapper[Any] = inspect(user_model)
+        mapper = _mapper_of(user_model, "user_model")
         self._pk_key = mapper.get_property_by_column(mapper.primary_key[0]).key
         self._columns: dict[Mapper, tuple[str, ...]] = {}
         # Whether adding the user reaches everything a hit builds (the usual case): then

@@ -1007,6 +1007,9 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | Literal[False] | No
         return None  # RFC 9110 section 14.2: an unknown unit MUST be ignored
     if "," in spec:
         return None  # several ranges: answered with the whole file
+    suffix = spec.strip(" \t")
+    if suffix.startswith("-") and suffix[1:].isdigit() and int(suffix[1:]) == 0:
+        return False  # the last 0 bytes: unsatisfiable (Werkzeug < 3.1.9 parses it as 0-)
     parsed = parse_range_header(header)
     if parsed is None or len(parsed.ranges) != 1:
         return False

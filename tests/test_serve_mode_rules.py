@@ -373,11 +373,15 @@ def test_flask_security_static_is_served_but_its_blueprint_folder_is_not(tmp_pat
     verdicts = {v.prefix: v for v in app.wsgi_app.serve_verdicts()}
     assert verdicts["/static/"].served
     fs_static = verdicts["/fs-static/"]
-    assert not fs_static.served and fs_static.blockers == (
-        "after_request flask_security.utils._add_cache_control of blueprint 'security'",
-    )
+    if app.after_request_funcs.get("security"):  # newer releases: private, no-store on its answers
+        assert not fs_static.served and fs_static.blockers == (
+            "after_request flask_security.utils._add_cache_control of blueprint 'security'",
+        )
+    else:  # older releases run nothing of their own for /fs-static: served before Flask
+        assert fs_static.served
     served = app.test_client().get("/fs-static/js/webauthn.js")
-    assert served.headers["Cache-Control"] == bare.headers["Cache-Control"]  # private, no-store
+    assert served.status_code == bare.status_code == 200
+    assert served.headers["Cache-Control"] == bare.headers["Cache-Control"]
 
 
 def test_a_blueprint_folder_gets_the_cache_control_its_own_view_would_send(tmp_path: Any) -> None:

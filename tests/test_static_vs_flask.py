@@ -192,6 +192,8 @@ def test_status_body_and_headers_agree_with_flask(pair: Pair, path: str, headers
     for name in COMPARED_HEADERS:
         if flask.status == 304 and name in ("Content-Type", "Content-Length", "Last-Modified", "Accept-Ranges"):
             continue  # a 304 carries only what caches need (RFC 9110 section 15.4.5)
+        if name == "Accept-Ranges" and flask[name] is None and served[name] == "bytes":
+            continue  # Werkzeug < 3.1.7 answers ranges without saying so; serve mode says so
         assert served[name] == flask[name], name
     assert (served["ETag"] is None) == (flask["ETag"] is None)
 
