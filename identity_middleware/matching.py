@@ -116,7 +116,8 @@ def is_flask_static_view(app: Flask, endpoint: str) -> bool:
     name a dynamic view ``static``. What Flask runs is the function registered
     for the endpoint, so that is what is checked: for the app, the lambda that
     ``Flask.__init__`` registers (its code object is a constant of that
-    function) with ``send_static_file`` not overridden by an app subclass; for
+    function) with ``send_static_file`` overridden neither by an app subclass
+    nor on the app instance (the lambda looks it up at every request); for
     a blueprint, ``Blueprint.send_static_file`` bound to that very blueprint.
     """
     from flask import Blueprint, Flask
@@ -128,6 +129,8 @@ def is_flask_static_view(app: Flask, endpoint: str) -> bool:
         return (
             getattr(view, "__code__", None) in _flask_static_lambdas()
             and type(app).send_static_file is Flask.send_static_file
+            # the lambda looks the method up on the instance at every request
+            and "send_static_file" not in vars(app)
         )
     name, dot, last = endpoint.rpartition(".")
     if not dot or last != "static":

@@ -101,6 +101,7 @@ class IdentityMiddleware:
         "_classifier",
         "_files",
         "_serve_plan",
+        "_trusted_hosts",
         "_safe_hooks",
         "_static_options",
         "_debug_headers",
@@ -144,6 +145,7 @@ class IdentityMiddleware:
         self.listed: tuple[str, ...] = tuple(dict.fromkeys((*listed_paths.value, *self.static_dirs)))
         self._files: Callable[[WSGIEnvironment, StartResponse], Any] | None = None
         self._serve_plan: ServePlan | None = None
+        self._trusted_hosts: tuple[str, ...] | None = None
         self._safe_hooks: tuple[Any, ...] = resolve_safe_hooks(static_safe_hooks, self.app)[0]
         self._static_options: dict[str, Any] = _checked_static_options(static_options)
         self._debug_headers: bool = self.settings["IDENTITY_DEBUG_HEADERS"].value
@@ -180,6 +182,9 @@ class IdentityMiddleware:
 
     def _serve(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Answer an indexed file before Flask, or fall through to the app."""
+        trusted = self._trusted_hosts
+        if trusted is not None and not _trusted_host(environ, trusted):
+            return self.wsgi_app(environ, start_response)  # Flask answers 400 for a host it does not trust
         respond = start_response
         if self._debug_headers:
             respond = timing.start_response_with_header(start_response, "static")
@@ -217,10 +222,16 @@ class IdentityMiddleware:
 
         plan = self._plan()
         self._serve_plan = plan
+        self._trusted_hosts = plan.trusted_hosts
         # Mounts that are not served still own their subtree: ``routed`` refuses their
         # URLs, so an outer folder never answers for them.
         return StaticFiles(  # type: ignore[no-any-return]
-            plan.mounts, app=self.app, routed=plan.routed, max_age_for=plan.max_age_for, **self._static_options
+            plan.mounts,
+            app=self.app,
+            routed=plan.routed,
+            max_age_for=plan.max_age_for,
+            unsatisfiable_to_app=plan.unsatisfiable_to_app,
+            **self._static_options,
         )
 
     def _plan(self) -> ServePlan:
@@ -380,6 +391,22 @@ def _warn_about_wrapping(wsgi_app: Any, found: _Found) -> None:
             names,
             found.app.name,
         )
+
+
+def _trusted_host(environ: WSGIEnvironment, trusted_hosts: tuple[str, ...]) -> bool:
+    """Whether Flask would accept the request's host under ``TRUSTED_HOSTS``.
+
+    The same check Flask makes before routing (``werkzeug.wsgi.get_host``); a host
+    it refuses gets a 400 from Flask, never a file from serve mode.
+    """
+    from werkzeug.exceptions import SecurityError
+    from werkzeug.wsgi import get_host
+
+    try:
+        get_host(environ, trusted_hosts)
+    except SecurityError:
+        return False
+    return True
 
 
 def _static_folder(app: Flask, endpoint: str) -> str | None:

@@ -195,6 +195,10 @@ class ServePlan:
     routed: Callable[[str], bool] | None = None
     #: served blueprint prefix -> the blueprint's get_send_file_max_age, which its view calls
     max_age_for: dict[str, Callable[[str], int | None]] = field(default_factory=dict)
+    #: the app's ``TRUSTED_HOSTS``: a request for another host goes to Flask, which refuses it
+    trusted_hosts: tuple[str, ...] | None = None
+    #: the app has an error handler that answers a 416: unsatisfiable ranges go to Flask
+    unsatisfiable_to_app: bool = False
 
     def summary(self) -> str:
         """The verdicts in one clause, for the startup line."""
@@ -234,7 +238,14 @@ def plan(
         blockers = list(app_blockers)
         if not is_flask_static_view(app, endpoint):
             view = app.view_functions.get(endpoint)
-            blockers.insert(0, f"view {_name(view)} is not Flask's own static view")
+            replaced = vars(app).get("send_static_file") if endpoint == "static" else None
+            if replaced is not None:
+                blockers.insert(0, f"app.send_static_file is replaced by {_name(replaced)}")
+            else:
+                blockers.insert(0, f"view {_name(view)} is not Flask's own static view")
+        if app.config.get("USE_X_SENDFILE"):
+            # Flask's view then answers with an X-Sendfile header and no body, for the front server
+            blockers.append("USE_X_SENDFILE is on: Flask's static view answers with an X-Sendfile header")
         blockers += judge.blueprint_blockers(endpoint)
         verdict = _verdict(prefix, folder, endpoint, blockers, judge.skipped(endpoint), adapter)
         verdicts.append(verdict)
@@ -255,7 +266,35 @@ def plan(
     routed = _routed(adapter, frozenset(served_endpoints), tuple(served_dirs)) if adapter is not None else None
     if adapter is None:
         served_mounts = {}
-    return ServePlan(tuple(verdicts), served_mounts, routed if routed is not None else _nothing, max_age_for)
+    trusted = app.config.get("TRUSTED_HOSTS")
+    return ServePlan(
+        tuple(verdicts),
+        served_mounts,
+        routed if routed is not None else _nothing,
+        max_age_for,
+        trusted_hosts=tuple(trusted) if trusted is not None else None,
+        unsatisfiable_to_app=_handles_unsatisfiable_range(app),
+    )
+
+
+def _handles_unsatisfiable_range(app: Flask) -> bool:
+    """Whether an error handler of the app (or of any blueprint) would answer a 416.
+
+    Flask's static view raises ``RequestedRangeNotSatisfiable`` for a range it
+    cannot satisfy, and the app's handler for that code, or for a base class
+    (``HTTPException``, ``Exception``), turns it into the app's own answer.
+    Which handler wins depends on the blueprint; any of them is enough to
+    leave those (rare) requests to Flask.
+    """
+    from werkzeug.exceptions import RequestedRangeNotSatisfiable
+
+    classes = RequestedRangeNotSatisfiable.__mro__
+    for by_code in app.error_handler_spec.values():
+        for code in (416, None):
+            handlers = by_code.get(code) or {}
+            if any(cls in handlers for cls in classes):
+                return True
+    return False
 
 
 def _nothing(path: str) -> bool:

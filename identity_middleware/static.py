@@ -119,8 +119,11 @@ otherwise; ``tests/test_static_vs_flask.py`` checks both):
   names (verified or declared, above); Flask uses the same max-age for all.
 * Between two checks of an in-memory file (``recheck_interval``), an edit
   on disk is not yet seen; Flask reads the file on every request.
-* 416 responses have an empty body; Flask sends an HTML error page (the
-  app's error handlers do not run). A failed
+* 416 responses have an empty body; Flask sends an HTML error page. When
+  the app has an error handler that would answer a 416 (for the code,
+  ``RequestedRangeNotSatisfiable``, ``HTTPException`` or ``Exception``), an
+  unsatisfiable range is left to Flask (``unsatisfiable_to_app``), so that
+  handler answers it as without serve mode. A failed
   ``If-Match`` gives 412 with an empty body; Flask sends the whole file with
   its 412. Flask ignores ``If-Unmodified-Since``; we answer 412 when the file
   is newer (RFC 9110 section 13.1.4).
@@ -332,6 +335,10 @@ class StaticFiles:
         Seconds a file kept in memory is answered from memory before it is
         checked on disk again (default 1.0; ``0`` checks on every request).
         Files streamed from disk are checked on every request.
+    ``unsatisfiable_to_app``
+        Return ``None`` (let the app answer) for an unsatisfiable range
+        instead of an empty 416; the middleware sets it when the app has an
+        error handler that would answer that 416.
 
     Environ keys read: ``REQUEST_METHOD``, ``PATH_INFO``,
     ``HTTP_ACCEPT_ENCODING``, the conditional and range headers and
@@ -354,8 +361,10 @@ class StaticFiles:
         in_memory_total: int = 64 * 1024 * 1024,
         block_size: int = 64 * 1024,
         recheck_interval: float = 1.0,
+        unsatisfiable_to_app: bool = False,
     ) -> None:
         self._app = app
+        self._unsatisfiable_to_app = unsatisfiable_to_app
         self._routed = routed
         self._allow_dotfiles = allow_dotfiles
         self._autorefresh = bool(app.debug if autorefresh is None and app is not None else autorefresh)
@@ -478,6 +487,8 @@ class StaticFiles:
             if if_range is None or _if_range_matches(file, if_range):
                 span = _byte_range(range_header, file.size)
                 if span is False:
+                    if self._unsatisfiable_to_app:
+                        return None  # the app's error handler answers a 416 in Flask
                     headers = [("Content-Range", f"bytes */{file.size}"), ("Content-Length", "0")]
                     if file.vary:
                         headers.append(("Vary", "Accept-Encoding"))
