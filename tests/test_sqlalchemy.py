@@ -74,6 +74,7 @@ class User(Base):
     team: Mapped[Team | None] = relationship()
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, back_populates="users", order_by=Role.id)
     tokens: Mapped[list[Token]] = relationship(lazy="dynamic")
+    bio: Mapped[str | None] = mapped_column(String(200), deferred=True, default=None)
 
 
 class Token(Base):
@@ -273,6 +274,29 @@ def test_a_failed_check_warns_once_and_hits_use_session_add_with_every_guarantee
         w.binding.remove()
         w.db.remove()
         w.engine.dispose()
+
+
+def test_a_deferred_column_of_a_hit_loads_on_access_as_on_a_loaded_row(world):
+    world.request()
+    world.db.remove()
+    world.db.execute(update(User).where(User.id == 1).values(bio="hello"))  # bulk: invalidates all
+    world.db.commit()
+    world.request()
+    user = world.request()
+    assert "bio" not in inspect(user).dict
+    with count_sql(world.engine) as statements:
+        assert user.bio == "hello"
+    assert len(statements) == 1
+    assert not world.db().is_modified(user)
+
+
+def test_the_private_check_rejects_a_detached_row_that_differs_from_make_transient_to_detached(monkeypatch):
+    def forgets_the_expiry(state, key, unloaded):
+        state.key = key
+
+    monkeypatch.setattr(sqlalchemy_binding, "_to_detached", forgets_the_expiry)
+    problem = private_attach_problem(User)
+    assert problem is not None and "differs" in problem and "bio" in problem
 
 
 def test_no_detached_instance_error_after_the_loading_session_committed_and_closed(world):
