@@ -245,8 +245,8 @@ class SQLAlchemyBinding:
         # Whether adding the user reaches everything a hit builds (the usual case): then
         # one Session.add per hit, else one per instance the cascade does not reach.
         self._add_cascades = _cascades(mapper, tree, "save-update")
-        # Session._update_impl once it passed its check, None for Session.add (module
-        # docstring). Checked at the first hit: by then the mappers are configured.
+        # _update_impl once the private seams passed their check, None for the public
+        # path (module docstring). Checked at the first hit: the mappers are configured then.
         self._attach: Callable[[Session, InstanceState], None] | None = _unchecked
         self._removed = False
         self._listeners = (
