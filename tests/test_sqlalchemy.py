@@ -276,6 +276,42 @@ def test_a_failed_check_warns_once_and_hits_use_session_add_with_every_guarantee
         w.engine.dispose()
 
 
+def _observable(session, user) -> tuple:
+    """What the app can see of a hit without SQL: each row's state and the session's bookkeeping."""
+    rows = [user, *user.roles]
+    states = [
+        (
+            type(row).__name__,
+            inspect(row).key,
+            inspect(row).persistent,
+            inspect(row).modified,
+            sorted(inspect(row).expired_attributes),
+            sorted(inspect(row).unloaded),
+            dict(inspect(row).committed_state),
+            sorted(k for k in inspect(row).dict if not k.startswith("_")),
+        )
+        for row in rows
+    ]
+    return states, list(session.new), list(session.dirty), list(session.deleted), len(session.identity_map)
+
+
+def test_the_private_and_the_public_attach_path_leave_the_same_state(tmp_path):
+    w = World(tmp_path / "db.sqlite", relationships=("roles.permissions", "team"))
+    try:
+        w.request()
+        seen = {}
+        for path in (sqlalchemy_binding._update_impl, None):
+            w.binding._attach = path
+            user = w.request()
+            seen[path] = _observable(w.db(), user)
+        assert seen[sqlalchemy_binding._update_impl] == seen[None]
+        assert seen[None][0][0][2] is True  # persistent, and compared field by field above
+    finally:
+        w.binding.remove()
+        w.db.remove()
+        w.engine.dispose()
+
+
 def test_a_deferred_column_of_a_hit_loads_on_access_as_on_a_loaded_row(world):
     world.request()
     world.db.remove()
