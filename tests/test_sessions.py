@@ -474,7 +474,7 @@ def test_a_cookie_older_than_a_fraction_of_the_lifetime_is_re_signed(clock):
     assert set_cookies(client.get("/me")) == []
 
 
-def test_a_cookie_signed_before_the_wrapper_existed_is_re_signed_once():
+def test_a_cookie_signed_before_the_wrapper_existed_is_re_signed_once(clock):
     app = make_app(PERMANENT_SESSION_LIFETIME=100 * REFRESH_FRACTION)
     client = app.test_client()
     client.set_cookie("session", sign(app, LOGIN_DATA, age=5))  # by an earlier process, maybe other settings
@@ -496,7 +496,7 @@ def test_changed_cookie_settings_reach_the_browser_at_the_next_request_flask_wou
     assert set_cookies(client.get("/me")) == []
 
 
-def test_a_cookie_near_the_end_of_its_lifetime_is_re_signed_and_stays_valid():
+def test_a_cookie_near_the_end_of_its_lifetime_is_re_signed_and_stays_valid(clock):
     app = make_app(PERMANENT_SESSION_LIFETIME=100)
     client = app.test_client()
     client.set_cookie("session", sign(app, LOGIN_DATA, age=99))
@@ -508,7 +508,7 @@ def test_a_cookie_near_the_end_of_its_lifetime_is_re_signed_and_stays_valid():
     assert time.time() - signed.timestamp() < 5
 
 
-def test_a_session_that_flask_would_not_write_is_not_refreshed_either():
+def test_a_session_that_flask_would_not_write_is_not_refreshed_either(clock):
     app = make_app(PERMANENT_SESSION_LIFETIME=100)
     client = app.test_client()
     old = sign(app, {**ANONYMOUS, "theme": "dark"}, age=90)  # anonymous: nothing marks it modified
