@@ -19,9 +19,11 @@ PostgreSQL (a database created for the run and dropped after):
   start, three row loads and the two checks, as the listeners run them;
 * the reattachment strategies that were compared before choosing, without the
   cache around them: ``merge(cached, load=False)``; a snapshot rebuilt with
-  ``make_transient_to_detached`` + ``Session.add`` (what the adapter does); the
-  same snapshot registered in the identity map through private APIs (faster,
-  not used: it skips ``after_attach`` and leans on internals); a detached copy
+  ``make_transient_to_detached`` + ``Session.add`` (the adapter's public path,
+  used when its check of the private seams fails; the adapter itself sets the
+  key and hands each row to ``Session._update_impl``, see
+  identity_middleware/sqlalchemy.py); the same snapshot registered in the
+  identity map directly (faster, not used: it skips the attach events); a detached copy
   that is never attached; and an empty session opened and closed (the floor
   every variant pays).
 

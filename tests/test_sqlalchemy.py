@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from sqlalchemy import JSON, Column, ForeignKey, String, Table, create_engine, delete, insert, select, text, update
+from sqlalchemy import JSON, Column, ForeignKey, String, Table, create_engine, delete, event, insert, select, text, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -27,7 +27,8 @@ from sqlalchemy import inspect
 
 from conftest import count_sql
 from identity_middleware import ConfigError, UserCache
-from identity_middleware.sqlalchemy import bind_sqlalchemy
+from identity_middleware import sqlalchemy as sqlalchemy_binding
+from identity_middleware.sqlalchemy import bind_sqlalchemy, private_attach_problem
 
 
 class Base(DeclarativeBase):
@@ -73,6 +74,7 @@ class User(Base):
     team: Mapped[Team | None] = relationship()
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, back_populates="users", order_by=Role.id)
     tokens: Mapped[list[Token]] = relationship(lazy="dynamic")
+    bio: Mapped[str | None] = mapped_column(String(200), deferred=True, default=None)
 
 
 class Token(Base):
@@ -150,8 +152,17 @@ class World:
         return self.get(user_id)
 
 
+@pytest.fixture(params=["update_impl", "session_add"])
+def attach_path(request, monkeypatch):
+    """Every World test runs with hits attached through the checked private seam and through
+    the public fallback (``Session.add``), which a failed check selects."""
+    if request.param == "session_add":
+        monkeypatch.setattr(sqlalchemy_binding, "private_attach_problem", lambda model: "a test asked for Session.add")
+    return request.param
+
+
 @pytest.fixture
-def make_world(tmp_path):
+def make_world(tmp_path, attach_path):
     """``World(**options)`` on a fresh file, torn down after the test."""
     worlds: list[World] = []
 
@@ -186,6 +197,142 @@ def test_hit_is_attached_to_the_current_session_with_roles_readable_without_sql(
     state = inspect(user)
     assert state.persistent and state.session is world.db() and state.session is not session
     assert not world.db().is_modified(user) and not world.db().dirty
+
+
+def test_a_hit_fires_the_attach_events_session_add_fires_for_each_row_it_built(world, attach_path):
+    world.request()
+    world.db.remove()
+    seen = []
+    listeners = [
+        (name, lambda session, target, name=name: seen.append((name, type(target).__name__)))
+        for name in ("before_attach", "after_attach", "detached_to_persistent")
+    ]
+    for name, listener in listeners:
+        event.listen(world.factory, name, listener)
+    try:
+        assert world.get() is not None
+    finally:
+        for name, listener in listeners:
+            event.remove(world.factory, name, listener)
+    # Each event once per row the hit built -- the user and its two roles -- as Session.add fires them.
+    assert sorted(seen) == sorted((name, kind) for name, _ in listeners for kind in ("Role", "Role", "User"))
+    assert (world.binding._attach is sqlalchemy_binding._update_impl) == (attach_path == "update_impl")
+
+
+def test_a_hit_leaves_a_pending_delete_of_a_role_the_session_holds_alone(world, attach_path):
+    world.request()
+    world.db.remove()
+    editor = world.db.get(Role, 2)
+    world.db.delete(editor)
+    user = world.get()
+    assert user.roles[1] is editor
+    if attach_path == "update_impl":
+        assert editor in world.db.deleted  # Session.add's cascade would take the delete back
+    world.db.rollback()
+
+
+def test_the_private_attach_check_passes_with_this_sqlalchemy_and_fails_on_another_shape(monkeypatch):
+    assert private_attach_problem(User) is None
+    original = Session._update_impl
+
+    def reshaped(self, *args, **kwargs):  # what a SQLAlchemy that renamed the argument looks like
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_update_impl", reshaped)
+    assert "not (self, state, ...)" in private_attach_problem(User)
+    monkeypatch.setattr(Session, "_update_impl", lambda self, state, revert_deletion=False: None)
+    assert "did not make a detached row persistent" in private_attach_problem(User)
+    monkeypatch.delattr(Session, "_update_impl")
+    assert private_attach_problem(User) == "Session._update_impl no longer exists"
+
+
+def test_a_failed_check_warns_once_and_hits_use_session_add_with_every_guarantee(tmp_path, monkeypatch, caplog):
+    original = Session._update_impl
+
+    def reshaped(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_update_impl", reshaped)
+    w = World(tmp_path / "db.sqlite")
+    try:
+        with caplog.at_level("WARNING", logger="identity_middleware.sqlalchemy"):
+            w.request()
+            first = w.request()
+            with count_sql(w.engine) as statements:
+                second = w.request()
+                names = [role.name for role in second.roles]
+        assert statements == [] and names == ["admin", "editor"]
+        assert second is not first and inspect(second).session is w.db()
+        warnings = [r.getMessage() for r in caplog.records if "Session.add" in r.getMessage()]
+        assert len(warnings) == 1 and "Session._update_impl takes" in warnings[0]
+        assert w.binding._attach is None
+        second.email = "changed@x"
+        w.db.commit()
+        w.db.remove()
+        assert w.db.get(User, 1).email == "changed@x"
+    finally:
+        w.binding.remove()
+        w.db.remove()
+        w.engine.dispose()
+
+
+def _observable(session, user) -> tuple:
+    """What the app can see of a hit without SQL: each row's state and the session's bookkeeping."""
+    rows = [user, *user.roles]
+    states = [
+        (
+            type(row).__name__,
+            inspect(row).key,
+            inspect(row).persistent,
+            inspect(row).modified,
+            sorted(inspect(row).expired_attributes),
+            sorted(inspect(row).unloaded),
+            dict(inspect(row).committed_state),
+            sorted(k for k in inspect(row).dict if not k.startswith("_")),
+        )
+        for row in rows
+    ]
+    return states, list(session.new), list(session.dirty), list(session.deleted), len(session.identity_map)
+
+
+def test_the_private_and_the_public_attach_path_leave_the_same_state(tmp_path):
+    w = World(tmp_path / "db.sqlite", relationships=("roles.permissions", "team"))
+    try:
+        w.request()
+        seen = {}
+        for path in (sqlalchemy_binding._update_impl, None):
+            w.binding._attach = path
+            user = w.request()
+            seen[path] = _observable(w.db(), user)
+        assert seen[sqlalchemy_binding._update_impl] == seen[None]
+        assert seen[None][0][0][2] is True  # persistent, and compared field by field above
+    finally:
+        w.binding.remove()
+        w.db.remove()
+        w.engine.dispose()
+
+
+def test_a_deferred_column_of_a_hit_loads_on_access_as_on_a_loaded_row(world):
+    world.request()
+    world.db.remove()
+    world.db.execute(update(User).where(User.id == 1).values(bio="hello"))  # bulk: invalidates all
+    world.db.commit()
+    world.request()
+    user = world.request()
+    assert "bio" not in inspect(user).dict
+    with count_sql(world.engine) as statements:
+        assert user.bio == "hello"
+    assert len(statements) == 1
+    assert not world.db().is_modified(user)
+
+
+def test_the_private_check_rejects_a_detached_row_that_differs_from_make_transient_to_detached(monkeypatch):
+    def forgets_the_expiry(state, key, unloaded):
+        state.key = key
+
+    monkeypatch.setattr(sqlalchemy_binding, "_to_detached", forgets_the_expiry)
+    problem = private_attach_problem(User)
+    assert problem is not None and "differs" in problem and "bio" in problem
 
 
 def test_no_detached_instance_error_after_the_loading_session_committed_and_closed(world):
