@@ -33,7 +33,7 @@ from flask.cli import AppGroup
 
 from . import log
 from .config import redacted_words
-from .matching import is_flask_static_view
+from .matching import is_flask_static_view, static_folder
 from .versions import InvalidationUnconfirmed, LocalVersionStore
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def _echo_mounts(app: Flask, middleware: Any) -> None:
     if not classifier.mounts:
         click.echo("  (none)")
     for prefix, endpoint in classifier.mounts.items():
-        folder = _folder_of(app, endpoint)
+        folder = static_folder(app, endpoint)
         click.echo(f"  {prefix:<24} -> {endpoint:<20} folder {folder or '(none)'}")
         for rule in app.url_map.iter_rules():
             if not rule.rule.startswith(prefix) or not _answers_get(rule):
@@ -168,16 +168,6 @@ def _echo_listed(app: Flask, middleware: Any) -> None:
 
 def _answers_get(rule: Any) -> bool:
     return rule.methods is None or bool(rule.methods & {"GET", "HEAD"})
-
-
-def _folder_of(app: Flask, endpoint: str) -> str | None:
-    """The folder a static endpoint serves, for display."""
-    if endpoint == "static":
-        return app.static_folder if app.has_static_folder else None
-    blueprint = app.blueprints.get(endpoint.rpartition(".")[0])
-    if blueprint is None or not blueprint.has_static_folder:
-        return None
-    return blueprint.static_folder
 
 
 def _echo_serve_mode(middleware: Any) -> None:

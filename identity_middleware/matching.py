@@ -74,6 +74,7 @@ __all__ = [
     "is_static_endpoint",
     "named_static_mounts",
     "path_adapter",
+    "static_folder",
     "static_mounts",
     "text_path_problem",
 ]
@@ -166,6 +167,16 @@ def named_static_mounts(app: Flask) -> dict[str, str]:
         if not getattr(rule, "websocket", False) and is_static_endpoint(rule.endpoint):
             mounts.setdefault(rule.rule.split("<", 1)[0], rule.endpoint)
     return mounts
+
+
+def static_folder(app: Flask, endpoint: str) -> str | None:
+    """The folder a static endpoint (``static`` or ``<blueprint>.static``) serves, if any."""
+    if endpoint == "static":
+        return app.static_folder if app.has_static_folder else None
+    blueprint = app.blueprints.get(endpoint.rpartition(".")[0])
+    if blueprint is None or not blueprint.has_static_folder:
+        return None
+    return blueprint.static_folder
 
 
 def path_adapter(app: Flask) -> MapAdapter | None:

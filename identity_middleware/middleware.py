@@ -40,7 +40,7 @@ from flask import Flask
 from . import config, timing
 from .config import ConfigError
 from .flask_hooks import MARK, MARKED_PATH, is_marked
-from .matching import Classifier, Decision, named_static_mounts, text_path_problem
+from .matching import Classifier, Decision, named_static_mounts, static_folder, text_path_problem
 from .serve_rules import MountVerdict, ServePlan, resolve_safe_hooks
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ class IdentityMiddleware:
         folders: dict[str, str | None] = {}
         if self.app is not None:
             mounts = named_static_mounts(self.app)
-            folders = {prefix: _static_folder(self.app, endpoint) for prefix, endpoint in mounts.items()}
+            folders = {prefix: static_folder(self.app, endpoint) for prefix, endpoint in mounts.items()}
         return serve_rules.plan(self.app, mounts, folders, self.static_dirs, self.wsgi_app, self._safe_hooks)
 
     def serve_verdicts(self) -> tuple[MountVerdict, ...]:
@@ -407,15 +407,6 @@ def _trusted_host(environ: WSGIEnvironment, trusted_hosts: tuple[str, ...]) -> b
     except SecurityError:
         return False
     return True
-
-
-def _static_folder(app: Flask, endpoint: str) -> str | None:
-    if endpoint == "static":
-        return app.static_folder if app.has_static_folder else None
-    blueprint = app.blueprints.get(endpoint.rpartition(".")[0])
-    if blueprint is None or not blueprint.has_static_folder:
-        return None
-    return blueprint.static_folder
 
 
 def _checked_static_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
