@@ -413,28 +413,6 @@ class Classifier:
     def _marked_uncached(self, path: str, method: str) -> bool:
         return self._decide(path, method, None).marked
 
-    def is_static_path(self, path: str) -> bool:
-        """True when a GET of the text ``path`` would be marked: listed, or routed to static.
-
-        Serve mode's confirmation (``StaticFiles(routed=...)``): a file is
-        answered before Flask only if this says so. A host-sensitive map
-        confirms no mount without a request host, so only listed paths pass.
-        """
-        return self.explain(path).marked
-
-    def routed(self, path: str, environ: WSGIEnvironment | None = None) -> bool:
-        """True when the URL map routes a GET of the text ``path`` to a static endpoint.
-
-        Used by serve mode to confirm that a file it would answer is one Flask
-        would serve. Without an environ a host-sensitive map answers False.
-        """
-        wsgi_path = _to_wsgi(path)
-        if canonical_problem(wsgi_path) is not None:
-            return False
-        if not wsgi_path.startswith(self._mount_prefixes):
-            return False
-        return self._confirmed(wsgi_path, "GET", environ)[0]
-
     # -- decisions -------------------------------------------------------------------
 
     def explain(

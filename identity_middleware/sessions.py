@@ -210,12 +210,12 @@ def _same(old: Any, new: Any) -> bool:
     if kind is dict:
         if len(old) != len(new):
             return False
-        for (old_key, old_item), (new_key, new_item) in zip(old.items(), new.items()):
+        for (old_key, old_item), (new_key, new_item) in zip(old.items(), new.items(), strict=True):
             if type(new_key) is not str or old_key != new_key or not _same(old_item, new_item):
                 return False
         return True
     if kind is list or kind is tuple:
-        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new))
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
     if kind is float:
         return bool(old.hex() == new.hex())  # -0.0 == 0.0, but they are different JSON
     if kind is datetime.datetime:

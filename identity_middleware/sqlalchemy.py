@@ -787,7 +787,7 @@ def private_attach_problem(model: type) -> str | None:
         pk = tuple(_probe_value(column) for column in mapper.primary_key)
         public, obj = mapper.class_manager.new_instance(), mapper.class_manager.new_instance()
         for instance in (public, obj):
-            for column, value in zip(mapper.primary_key, pk):
+            for column, value in zip(mapper.primary_key, pk, strict=True):
                 instance_dict(instance)[mapper.get_property_by_column(column).key] = value
         make_transient_to_detached(public)
         state, expected = instance_state(obj), instance_state(public)

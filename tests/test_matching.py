@@ -266,7 +266,8 @@ def test_listing_works_without_a_flask_app():
     assert marked(classifier, "/favicon.ico")
     assert marked(classifier, "/assets/a.css")
     assert not marked(classifier, "/static/app.css")
-    assert not classifier.routed("/assets/a.css")
+    decision = classifier.explain("/assets/a.css")
+    assert decision.marked and decision.listed == "/assets/" and decision.endpoint is None  # listed, not routed
 
 
 # -- non-ASCII ------------------------------------------------------------------------
@@ -446,23 +447,32 @@ def test_full_memos_hold_no_more_than_their_byte_budget_measured_with_tracemallo
     assert growth <= classifier.memo_bytes(), (growth, classifier.memo_bytes())
 
 
-def test_is_static_path_confirms_listed_and_routed_text_paths_for_serve_mode(app):
+def test_explain_confirms_listed_and_routed_text_paths(app):
     classifier = Classifier(app, ["/assets/", "/favicon.ico"])
-    assert classifier.is_static_path("/static/app.css")
-    assert classifier.is_static_path("/assets/bundle.js")
-    assert classifier.is_static_path("/favicon.ico")
-    assert not classifier.is_static_path("/static/config.js")
-    assert not classifier.is_static_path("/assets/../app.py")
-    assert not classifier.is_static_path("/files/a.css")
+
+    def static(path):
+        return classifier.explain(path).marked
+
+    assert static("/static/app.css")
+    assert static("/assets/bundle.js")
+    assert static("/favicon.ico")
+    assert not static("/static/config.js")
+    assert not static("/assets/../app.py")
+    assert not static("/files/a.css")
 
 
-def test_routed_confirms_text_paths_for_serve_mode(app):
-    classifier = Classifier(app)
-    assert classifier.routed("/static/app.css")
-    assert classifier.routed("/widgets/static/widget.css")
-    assert not classifier.routed("/static/config.js")
-    assert not classifier.routed("/static/../app.css")
-    assert not classifier.routed("/files/a.css")
+def test_explain_confirms_text_paths_routed_to_static_views(app):
+    classifier = Classifier(app)  # nothing listed: marked only when routed
+
+    def routed(path):
+        decision = classifier.explain(path)
+        return decision.marked and decision.endpoint is not None
+
+    assert routed("/static/app.css")
+    assert routed("/widgets/static/widget.css")
+    assert not routed("/static/config.js")
+    assert not routed("/static/../app.css")
+    assert not routed("/files/a.css")
 
 
 # -- the property ---------------------------------------------------------------------
