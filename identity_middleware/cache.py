@@ -61,7 +61,7 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar, cast, overload
 
-from .config import ConfigError, Resolved, redacted_url, resolve
+from .config import ConfigError, Resolved, redacted, resolve
 from .versions import LocalVersionStore, VersionStore
 
 if TYPE_CHECKING:
@@ -472,7 +472,7 @@ class UserCache:
                 raise ConfigError(
                     name,
                     resolved.value,
-                    f"{redacted_url(current.value)!r} (from {current.source}), the value this UserCache "
+                    f"{redacted(current.value)!r} (from {current.source}), the value this UserCache "
                     f"already uses for app {other.name!r}: one UserCache serving several "
                     "apps has one set of settings -- give this app its own UserCache to use "
                     "another",

@@ -32,7 +32,6 @@ __all__ = [
     "resolve_one",
     "redacted",
     "redacted_words",
-    "redacted_url",
     "MASK",
 ]
 
@@ -116,11 +115,6 @@ def redacted(value: Any) -> Any:
 def redacted_words(text: str) -> str:
     """Free text (a repr, an exception message) with :func:`redacted` applied to each word."""
     return " ".join(_redacted_text(word) for word in text.split(" "))
-
-
-def redacted_url(url: Any) -> Any:
-    """The same as :func:`redacted` (kept for callers that print one URL)."""
-    return redacted(url)
 
 
 def _redacted_text(text: str) -> str:

@@ -80,7 +80,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Hashable
 
-from .config import SETTINGS, ConfigError, redacted_url
+from .config import SETTINGS, ConfigError, redacted
 from .versions import DEFAULT_MAX_KEYS, InvalidationUnconfirmed, _generations, key_label
 
 if TYPE_CHECKING:
@@ -800,14 +800,14 @@ def _make_client(url_or_client: Any, socket_timeout: float, *, retries: int = 1)
         if url == "local":
             raise ValueError
     except (ValueError, TypeError):
-        raise ConfigError(_SETTING, redacted_url(url_or_client), expected) from None
+        raise ConfigError(_SETTING, redacted(url_or_client), expected) from None
     try:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
     except ImportError:  # pragma: no cover - depends on the installed extras
         raise ConfigError(
-            _SETTING, redacted_url(url), "redis-py installed: pip install 'identity_middleware[redis]'"
+            _SETTING, redacted(url), "redis-py installed: pip install 'identity_middleware[redis]'"
         ) from None
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -826,8 +826,8 @@ def _make_client(url_or_client: Any, socket_timeout: float, *, retries: int = 1)
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)
     except (ValueError, TypeError, redis.RedisError) as exc:
-        raise ConfigError(_SETTING, redacted_url(url), f"{expected} ({exc})") from None
-    return client, redacted_url(url), True
+        raise ConfigError(_SETTING, redacted(url), f"{expected} ({exc})") from None
+    return client, redacted(url), True
 
 
 def _quietly_close(pubsub: Any, watch: _ReconnectWatch | None) -> None:
