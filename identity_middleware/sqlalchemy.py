@@ -141,7 +141,7 @@ _UNLOADABLE = ("dynamic", "write_only", "noload", "raise", "raise_on_sql")
 #: began" (after_begin): ``next()`` is one atomic call, so a larger number happened later.
 _SEQUENCE = itertools.count(1)
 
-#: Attribute we set on an InstanceState: the sequence number of the transaction whose
+#: Key in InstanceState.info (its public place for user data): the sequence number of the transaction whose
 #: SQL last filled all of the row's columns (and the relationships we snapshot). Rows
 #: never read by SQL in a watched session (built from the cache, pending, merged)
 #: have none and count as infinitely old.
@@ -352,7 +352,7 @@ class SQLAlchemyBinding:
         return self._read_after(state, self._tree, token)
 
     def _read_after(self, state: InstanceState, tree: Mapping[str, dict], token: int) -> bool:
-        if getattr(state, _READ, 0) <= token or state.modified:
+        if state.info.get(_READ, 0) <= token or state.modified:
             return False
         dict_ = state.dict
         for name, subtree in tree.items():
@@ -381,7 +381,7 @@ class SQLAlchemyBinding:
 
     def _on_load(self, target: Any, context: Any) -> None:
         # A new row in the identity map: every attribute came from this query.
-        setattr(instance_state(target), _READ, self._transaction_number(context))
+        instance_state(target).info[_READ] = self._transaction_number(context)
 
     def _on_refresh(self, target: Any, context: Any, attrs: Iterable[str] | None) -> None:
         # An existing row reloaded. It counts only if every column was reloaded and no
@@ -395,7 +395,7 @@ class SQLAlchemyBinding:
                 return
             if any(name in dict_ and name not in attrs for name in self._tree_names):
                 return
-        setattr(state, _READ, self._transaction_number(context))
+        state.info[_READ] = self._transaction_number(context)
 
     def _snapshot(self, state: InstanceState, tree: Mapping[str, dict]) -> _Node:
         obj = state.obj()
