@@ -137,7 +137,7 @@ def _echo_mounts(app: Flask, middleware: Any) -> None:
         folder = static_folder(app, endpoint)
         click.echo(f"  {prefix:<24} -> {endpoint:<20} folder {folder or '(none)'}")
         for rule in app.url_map.iter_rules():
-            if not rule.rule.startswith(prefix) or not _answers_get(rule):
+            if not rule.rule.startswith(prefix) or not log.answers_get(rule):
                 continue
             if rule.endpoint == endpoint and is_flask_static_view(app, endpoint):
                 continue
@@ -164,10 +164,6 @@ def _echo_listed(app: Flask, middleware: Any) -> None:
         covered = ", ".join(dict.fromkeys(r.endpoint for r in rules))
         note = " -- a view: identity loads only when it asks, on GET and HEAD" if views else ""
         click.echo(f"  {path:<24} {kind:<6} covers {covered}{note}")
-
-
-def _answers_get(rule: Any) -> bool:
-    return rule.methods is None or bool(rule.methods & {"GET", "HEAD"})
 
 
 def _echo_serve_mode(middleware: Any) -> None:

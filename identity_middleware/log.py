@@ -263,7 +263,7 @@ def listed_coverage(app: Flask, listed: Sequence[str]) -> dict[str, list[Rule]]:
         rules: list[Rule] = []
         if path.endswith("/"):
             for rule in app.url_map.iter_rules():
-                if rule.rule.startswith(path) and _answers_get(rule) and rule not in rules:
+                if rule.rule.startswith(path) and answers_get(rule) and rule not in rules:
                     rules.append(rule)
         routed = _route(adapter, path)
         if routed is not None and routed not in rules:
@@ -272,7 +272,8 @@ def listed_coverage(app: Flask, listed: Sequence[str]) -> dict[str, list[Rule]]:
     return coverage
 
 
-def _answers_get(rule: Rule) -> bool:
+def answers_get(rule: Rule) -> bool:
+    """Whether ``rule`` accepts GET or HEAD, the only methods ever marked static."""
     return rule.methods is None or bool(rule.methods & _SAFE_METHODS)
 
 
