@@ -331,6 +331,11 @@ class _DeferredIdentityGlobals(_AppCtxGlobals):
     other than ``identity`` costs one string comparison more.
     """
 
+    def _settle(self, name: str) -> None:
+        """Run the deferred identity load before ``name`` is observed, if it is pending."""
+        if name == "identity" and _PENDING in vars(self):
+            _load_deferred_identity(self)
+
     def __getattr__(self, name: str) -> Any:
         if name == "identity" and _PENDING in vars(self):
             _load_deferred_identity(self)
@@ -341,33 +346,27 @@ class _DeferredIdentityGlobals(_AppCtxGlobals):
         return super().__getattr__(name)
 
     def get(self, name: str, default: Any | None = None) -> Any:
-        if name == "identity" and _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle(name)
         return super().get(name, default)
 
     def pop(self, name: str, *default: Any) -> Any:
-        if name == "identity" and _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle(name)
         return super().pop(name, *default)
 
     def setdefault(self, name: str, default: Any = None) -> Any:
-        if name == "identity" and _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle(name)
         return super().setdefault(name, default)
 
     def __delattr__(self, name: str) -> None:
-        if name == "identity" and _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle(name)
         super().__delattr__(name)
 
     def __contains__(self, item: str) -> bool:
-        if item == "identity" and _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle(item)
         return super().__contains__(item)
 
     def __iter__(self) -> Iterator[str]:
-        if _PENDING in vars(self):
-            _load_deferred_identity(self)
+        self._settle("identity")
         return super().__iter__()
 
 
