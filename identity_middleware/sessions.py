@@ -37,7 +37,11 @@ which does the same job with less work:
 * **Verified decodes are cached**, keyed by the exact cookie string, in a
   cache bounded in bytes (cookies are chosen by the client; each entry is
   charged its cookie, an estimate of its decoded data and a fixed overhead,
-  and cookies longer than :data:`MAX_COOKIE_CHARS` are never cached). Only a
+  and cookies longer than :data:`MAX_COOKIE_CHARS` are never cached). A verified
+  cookie is also cached under the exact ``Cookie`` header it came in, so a
+  browser sending the same header again is answered without parsing its
+  cookies (werkzeug's parsing is the costliest step left); a header not seen
+  before -- another cookie changed -- is parsed as usual. Only a
   cookie the signer accepted is stored; the age is checked against the current
   lifetime on every use, exactly as the signer checks it; a change of
   ``SECRET_KEY``, ``SECRET_KEY_FALLBACKS``, salt, digest, key derivation or
@@ -70,6 +74,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
 from weakref import ref
 
@@ -78,6 +83,8 @@ from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SecureCookieSessionInterface, SessionInterface
 from itsdangerous import BadSignature
 from markupsafe import Markup
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.sansio.request import Request as _SansIORequest
 
 if TYPE_CHECKING:
     from flask import Flask, Request, Response
@@ -102,6 +109,12 @@ REFRESH_FRACTION = 64
 
 #: Longer cookies are decoded every time, never cached (browsers keep at most ~4 KB).
 MAX_COOKIE_CHARS = 4096
+
+#: Longer Cookie headers are parsed every time, never cached (servers reject ~8 KB).
+MAX_HEADER_CHARS = 8192
+
+#: werkzeug's own ``Request.cookies``, which a cached Cookie header answers for.
+_WERKZEUG_COOKIES = vars(_SansIORequest)["cookies"]
 
 #: Default byte budget of one app's decode cache.
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
@@ -137,7 +150,7 @@ class SessionStats(NamedTuple):
     rejected: int  # cookies the signer refused (tampered, expired, unknown key)
     writes_skipped: int  # writes Flask would have made for an unchanged session
     writes: int  # saves handed to the wrapped interface
-    size: int  # entries in the decode cache
+    size: int  # entries in the decode cache (verified cookies, and the Cookie headers they came in)
     bytes: int  # bytes charged to the decode cache
 
 
@@ -152,6 +165,20 @@ class _Decoded:
         self.size = size
         #: Only immutable values at the top: the session class's own copy is enough.
         self.flat = all(type(item) in _LEAVES for item in data.values())
+
+
+class _Alias:
+    """A Cookie header a verified cookie came in, standing for that cookie.
+
+    Charged in full (header and data): the cookie's own entry may be evicted
+    first, and this one then keeps the data alive.
+    """
+
+    __slots__ = ("decoded", "size")
+
+    def __init__(self, decoded: _Decoded, header: tuple[type, str, str]) -> None:
+        self.decoded = decoded
+        self.size = decoded.size + len(header[2])
 
 
 # -- what a decoded value is, and copies of it ------------------------------------------
@@ -394,17 +421,28 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
             # No key: Flask's null session. Another serializer (set after install) may not
             # encode equal values alike: Flask decodes it, and without a baseline it is saved as usual.
             return inner.open_session(app, request)  # type: ignore[no-any-return]
-        value = request.cookies.get(inner.get_cookie_name(app))
-        if not value:
-            return inner.session_class()  # type: ignore[no-any-return]
+        name = inner.get_cookie_name(app)
         max_age = int(app.permanent_session_lifetime.total_seconds())
         keys = self._signing_keys(app, inner)
+        header = self._header_key(request, name)
+        if header is not None:
+            alias = self._cached(header, keys)
+            if alias is not None:
+                decoded = alias.decoded
+                if 0 <= int(time.time()) - decoded.timestamp <= max_age:
+                    self._counts[0] += 1
+                    return self._session(inner, decoded)
+        value = request.cookies.get(name)
+        if not value:
+            return inner.session_class()  # type: ignore[no-any-return]
         decoded = self._cached(value, keys)
         if decoded is not None:
             # The signer's own age test, with the lifetime as it is now.
             age = int(time.time()) - decoded.timestamp
             if 0 <= age <= max_age:
                 self._counts[0] += 1
+                if header is not None:
+                    self._store(header, keys, _Alias(decoded, header))
                 return self._session(inner, decoded)
         self._counts[1] += 1
         try:
@@ -418,7 +456,33 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
         decoded = _Decoded(data, int(signed.timestamp()), _ENTRY_OVERHEAD + len(value) + size)
         if len(value) <= MAX_COOKIE_CHARS:
             self._store(value, keys, decoded)
+            if header is not None:
+                self._store(header, keys, _Alias(decoded, header))
         return self._session(inner, decoded)
+
+    @staticmethod
+    def _header_key(request: Request, name: str) -> tuple[type, str, str] | None:
+        """The cache key of the request's Cookie header, or None when it cannot stand for the cookie.
+
+        Finding the session cookie means parsing every cookie of the request
+        (about 10 us, the most expensive step of opening a cached session). A
+        browser sends the same header again and again, so a verified cookie is
+        also cached under the exact header it came in: a header seen before
+        answers without parsing. Only for werkzeug's own parsing of the
+        environ's ``HTTP_COOKIE`` (what ``request.headers`` reads); a request
+        class that finds cookies its own way is parsed every time.
+        """
+        headers = request.headers
+        if (
+            type(request).cookies is not _WERKZEUG_COOKIES
+            or type(headers) is not EnvironHeaders
+            or "cookies" in request.__dict__
+        ):
+            return None
+        header = headers.environ.get("HTTP_COOKIE")
+        if header is None or len(header) > MAX_HEADER_CHARS:
+            return None
+        return (type(request), name, header)
 
     @staticmethod
     def _signing_keys(app: Flask, inner: Any) -> tuple[Any, ...]:
@@ -433,21 +497,22 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
             inner.serializer,
         )
 
-    def _cached(self, value: str, keys: tuple[Any, ...]) -> _Decoded | None:
+    def _cached(self, key: Hashable, keys: tuple[Any, ...]) -> Any:
+        """The entry cached under ``key`` (a cookie's value, or a header: an alias), if any."""
         with self._lock:
             if keys != self._keys:
                 if self._keys is not None:
                     self._cache.clear()
                 return None
-            return self._cache.get(value)  # type: ignore[no-any-return]
+            return self._cache.get(key)
 
-    def _store(self, value: str, keys: tuple[Any, ...], decoded: _Decoded) -> None:
+    def _store(self, key: Hashable, keys: tuple[Any, ...], entry: _Decoded | _Alias) -> None:
         with self._lock:
             if keys != self._keys:
                 self._cache.clear()
                 object.__setattr__(self, "_keys", keys)
-            if decoded.size <= self._cache.maxsize:
-                self._cache[value] = decoded
+            if entry.size <= self._cache.maxsize:
+                self._cache[key] = entry
 
     def _session(self, inner: Any, decoded: _Decoded) -> SessionMixin:
         data = decoded.data
@@ -522,8 +587,8 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
         return self._since  # type: ignore[no-any-return]
 
 
-def _charge(decoded: _Decoded) -> int:
-    return decoded.size
+def _charge(entry: _Decoded | _Alias) -> int:
+    return entry.size
 
 
 # SessionInterface's own attributes would shadow __getattr__: forward each of them too.

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 from conftest import unavailable
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from flask import Flask, g, jsonify, request, session
 from flask.sessions import SecureCookieSessionInterface, SessionInterface
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
@@ -611,6 +613,68 @@ def test_a_cookie_of_another_app_is_rejected():
     client = app.test_client()
     client.set_cookie("session", sign(other, LOGIN_DATA))
     assert client.get("/me").json["user"] is None
+
+
+# -- finding the session cookie in the Cookie header ------------------------------------------------
+
+#: Pieces of Cookie headers, as browsers, proxies and attackers send them.
+_OTHER_COOKIES = ["theme=dark", 'quoted="a b"', "empty=", "csrf=abc; Path=/", "sessionx=1", "Session=upper", "=novalue", "junk"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_session_found_in_any_cookie_header_is_the_one_flask_finds(data):
+    """Differential: the same raw Cookie headers, each sent twice, to the app with and without the wrapper."""
+    ours, bare = make_app(), make_app(wrapped=False)
+    cookies = [sign(ours, LOGIN_DATA), sign(ours, login_data("2")), sign(ours, LOGIN_DATA) + "x", '"' + sign(ours, LOGIN_DATA) + '"']
+    piece = st.one_of(st.sampled_from(_OTHER_COOKIES), st.sampled_from(cookies).map(lambda c: f"session={c}"))
+    for _ in range(data.draw(st.integers(1, 4))):
+        separator = data.draw(st.sampled_from(["; ", ";", ", "]))
+        header = separator.join(data.draw(st.lists(piece, max_size=4)))
+        for _ in range(2):  # the second answer comes from the header memo
+            for app in (ours, bare):
+                response = app.test_client(use_cookies=False).get("/me", headers={"Cookie": header})
+                assert response.status_code == 200
+            assert app_view(ours) == app_view(bare), header
+
+
+def app_view(app) -> tuple:
+    """What the last request's views and hooks saw of the session and the user."""
+    seen = dict(app.extensions["seen"][-1])
+    seen.pop("class")  # the session class is the same; the objects differ
+    return tuple(sorted(seen.items(), key=lambda item: item[0]))
+
+
+def test_a_request_class_that_reads_cookies_its_own_way_is_asked_every_time():
+    from werkzeug.utils import cached_property
+
+    class HeaderSession(Flask.request_class):  # type: ignore[name-defined,misc]
+        @cached_property
+        def cookies(self):  # the session travels in another header; Cookie is ignored
+            return {"session": self.headers.get("X-Session", "")}
+
+    app = make_app()
+    app.request_class = HeaderSession
+    one, two = sign(app, LOGIN_DATA), sign(app, login_data("2"))
+    client = app.test_client(use_cookies=False)
+    same_cookie_header = {"Cookie": f"session={one}"}
+    assert client.get("/me", headers={**same_cookie_header, "X-Session": two}).json["user"] == "2"
+    assert client.get("/me", headers={**same_cookie_header, "X-Session": one}).json["user"] == "1"
+    assert client.get("/me", headers=same_cookie_header).json["user"] is None
+
+
+def test_cached_headers_share_the_byte_budget_when_every_request_sends_another_header():
+    app = make_app()
+    cookie = sign(app, LOGIN_DATA)
+    wrapper = CachedCookieSessionInterface(SecureCookieSessionInterface(), max_bytes=64 * 1024)
+    app.session_interface = wrapper
+    client = app.test_client(use_cookies=False)
+    for n in range(500):
+        assert client.get("/me", headers={"Cookie": f"tracker={n:0200}; session={cookie}"}).json["user"] == "1"
+        assert wrapper.stats().bytes <= 64 * 1024
+    stats = wrapper.stats()
+    assert stats.misses == 1 and stats.hits == 499  # verified once, whatever surrounds it
+    assert 2 < stats.size < 500  # headers cached, and evicted
 
 
 # -- bounded memory ------------------------------------------------------------------------------
