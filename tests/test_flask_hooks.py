@@ -693,6 +693,67 @@ def test_a_g_subclass_set_by_the_app_is_extended_not_replaced(tmp_path):
     assert seen == {"audited": True, "identity": "7"}
 
 
+def test_a_g_class_with_its_own_contains_and_get_keeps_them_and_still_defers(tmp_path):
+    from flask.ctx import _AppCtxGlobals
+
+    asked = []
+
+    class Recording(_AppCtxGlobals):
+        def __contains__(self, item):
+            asked.append(("in", item))
+            return super().__contains__(item)
+
+        def get(self, name, default=None):
+            asked.append(("get", name))
+            return super().get(name, default)
+
+    app = make_app(tmp_path)
+    app.app_ctx_globals_class = Recording
+    calls = app.extensions["calls"]
+    seen = {}
+
+    @app.get("/listed/g")
+    def show_g():
+        seen["loaded_before"] = calls["identity_loaded"]
+        seen["in"] = "identity" in g
+        seen["get"] = str(g.get("identity").id)
+        seen["loaded_after"] = calls["identity_loaded"]
+        return "ok"
+
+    client = app.test_client()
+    client.get("/login")
+    calls["identity_loaded"] = 0
+    asked.clear()
+    assert client.get("/").json == {"anonymous": False, "identity": "7"}  # dynamic: Flask-Login asks `in g`
+    assert ("in", "_login_user") in asked
+    client.get("/listed/g")
+    assert ("in", "identity") in asked and ("get", "identity") in asked
+    assert seen == {"loaded_before": 1, "in": True, "get": "7", "loaded_after": 2}
+
+
+def test_the_g_class_built_for_flasks_own_answers_in_and_get_like_flasks(tmp_path):
+    from flask.ctx import _AppCtxGlobals
+
+    app = make_app(tmp_path)
+    seen = {}
+
+    @app.get("/listed/g")
+    def show_g():
+        plain = _AppCtxGlobals()
+        for namespace in (g, plain):
+            namespace.x = None
+        # a marked request: nothing has loaded the user; asking for the identity loads both
+        seen["in"] = [(name in g, name in plain) for name in ("x", "y", "_login_user", "identity", "_login_user")]
+        seen["get"] = [(g.get(name, 0), plain.get(name, 0)) for name in ("x", "y")]
+        return "ok"
+
+    client = app.test_client()
+    client.get("/login")
+    client.get("/listed/g")
+    assert seen["in"] == [(True, True), (False, False), (False, False), (True, False), (True, False)]
+    assert seen["get"] == [(None, None), (0, 0)]
+
+
 # -- startup checks ---------------------------------------------------------------------
 
 
