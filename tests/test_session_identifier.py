@@ -3,7 +3,7 @@
 Session protection (Flask-Login's default, ``basic``) hashes the client's
 ``X-Forwarded-For`` (or remote address) and ``User-Agent`` with SHA-512 each time
 a request loads the user. The hooks put that function behind a memo on the app's
-LoginManager (flask_hooks._SessionIdentifierMemo); these tests hold it to giving
+LoginManager (login_identifier._SessionIdentifierMemo); these tests hold it to giving
 exactly Flask-Login's answer, request by request, on real apps.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from flask import Flask, jsonify, session
 from flask_login import LoginManager, UserMixin, current_user, login_user
 
-from identity_middleware import IdentityMiddleware, flask_hooks
+from identity_middleware import IdentityMiddleware, login_identifier
 
 AGENTS = [None, "", "curl/8.5", "Mozilla/5.0 (X11; Linux x86_64) caf\xc3\xa9 | \xe9", "a|b"]
 FORWARDED = [None, "", "203.0.113.9", "203.0.113.9, 10.0.0.1", " 198.51.100.2 ,x", ","]
@@ -81,7 +81,7 @@ def test_the_memoised_identifier_is_flask_logins_for_every_client_seen_again():
     client = app.test_client()
     client.get("/identifier")
     memo = memo_of(app)
-    assert isinstance(memo, flask_hooks._SessionIdentifierMemo)
+    assert isinstance(memo, login_identifier._SessionIdentifierMemo)
     answers = {}
     for _ in range(2):  # a miss, then a hit for each
         for key in every_client():
@@ -113,7 +113,7 @@ def test_session_protection_decides_as_in_the_bare_app():
 
 
 def test_the_memo_is_bounded_in_bytes_and_long_values_are_not_stored(monkeypatch):
-    monkeypatch.setattr(flask_hooks, "IDENTIFIER_MEMO_BYTES", 6000)
+    monkeypatch.setattr(login_identifier, "IDENTIFIER_MEMO_BYTES", 6000)
     app = make_app()
     client = app.test_client()
     client.get("/identifier")
@@ -123,7 +123,7 @@ def test_the_memo_is_bounded_in_bytes_and_long_values_are_not_stored(monkeypatch
         assert answer["generated"] == answer["flask_login"]
     assert 0 < len(memo) < 60 and memo.currsize <= 6000
     before = len(memo)
-    long_agent = "x" * (flask_hooks.IDENTIFIER_MEMO_MAX_CHARS + 1)
+    long_agent = "x" * (login_identifier.IDENTIFIER_MEMO_MAX_CHARS + 1)
     for _ in range(2):
         answer = client.get("/identifier", environ_overrides=environ_of(long_agent, None, "192.0.2.1")).json
         assert answer["generated"] == answer["flask_login"]
@@ -207,6 +207,6 @@ def test_an_unexpected_flask_login_is_left_alone_with_a_warning(monkeypatch, cap
 
 @pytest.mark.parametrize("name", ["_create_identifier", "_get_remote_addr"])
 def test_the_startup_check_refuses_other_code(monkeypatch, name):
-    assert flask_hooks.session_identifier_memo_problem() is None
+    assert login_identifier.session_identifier_memo_problem() is None
     monkeypatch.setattr(flask_login.utils, name, lambda: "other")
-    assert name in (flask_hooks.session_identifier_memo_problem() or "")
+    assert name in (login_identifier.session_identifier_memo_problem() or "")
