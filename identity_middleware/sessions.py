@@ -127,6 +127,9 @@ _ENTRY_OVERHEAD = 800
 #: Bytes charged per container or value inside the decoded data.
 _NODE_OVERHEAD = 80
 
+#: Types whose equal values (of the same exact type) serialize alike.
+_EQUAL_IS_SAME = frozenset({str, int, bool, type(None)})
+
 #: Immutable leaf types Flask's tagged JSON serializer produces.
 _LEAVES = frozenset({str, int, float, bool, type(None), bytes, Markup, uuid.UUID, datetime.datetime})
 
@@ -157,7 +160,7 @@ class SessionStats(NamedTuple):
 class _Decoded:
     """One verified cookie: its data (never handed out), signing time and charge."""
 
-    __slots__ = ("data", "flat", "size", "timestamp")
+    __slots__ = ("data", "flat", "size", "timestamp", "types")
 
     def __init__(self, data: dict[str, Any], timestamp: int, size: int) -> None:
         self.data = data
@@ -165,6 +168,26 @@ class _Decoded:
         self.size = size
         #: Only immutable values at the top: the session class's own copy is enough.
         self.flat = all(type(item) in _LEAVES for item in data.values())
+        #: The exact types of the keys, then of the values, when every value is of a type
+        #: whose equal values serialize alike (see :meth:`same_as`); else None.
+        self.types = (
+            [*map(type, data), *map(type, data.values())]
+            if all(type(item) in _EQUAL_IS_SAME for item in data.values())
+            else None
+        )
+
+    def same_as(self, new: dict[str, Any]) -> bool:
+        """``_same(self.data, new)``, in C-level steps for the usual session of strings and numbers.
+
+        With the same keys in the same order and the same exact types, ``==``
+        is ``_same`` for these types (``1 == True`` and ``"a" == Markup("a")``
+        differ in type; floats, whose ``-0.0 == 0.0``, are not among them).
+        """
+        types = self.types
+        if types is None:
+            return _same(self.data, new)
+        old = self.data
+        return old == new and list(old) == list(new) and [*map(type, new), *map(type, new.values())] == types
 
 
 class _Alias:
@@ -559,7 +582,7 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
         lifetime = int(app.permanent_session_lifetime.total_seconds())
         if int(time.time()) - decoded.timestamp >= max(1, lifetime // REFRESH_FRACTION):
             return False
-        return _same(decoded.data, dict(session))
+        return decoded.same_as(dict(session))
 
     def _attributes_since(self, app: Flask, now: int) -> int:
         """The last second in which the cookie's attributes may have differed from what a write sends now.
