@@ -115,6 +115,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
+from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from .config import ConfigError
@@ -383,7 +384,9 @@ class SQLAlchemyBinding:
         dict_ = state.dict
         for name, subtree in tree.items():
             loaded = dict_.get(name)  # to_cache loaded every named relationship
-            items: Iterable[Any] = [] if loaded is None else loaded if state.mapper.relationships[name].uselist else [loaded]
+            items: Iterable[Any] = (
+                [] if loaded is None else _members(loaded) if state.mapper.relationships[name].uselist else [loaded]
+            )
             for item in items:
                 if not self._read_after(instance_state(item), subtree, token):
                     return False
@@ -439,7 +442,7 @@ class SQLAlchemyBinding:
             loaded = getattr(obj, name)  # lazy-loads in the loading request, if not loaded yet
             many = state.mapper.relationships[name].uselist
             nodes = []
-            for item in loaded if many else ([] if loaded is None else [loaded]):
+            for item in _members(loaded) if many else ([] if loaded is None else [loaded]):
                 item_state = instance_state(item)
                 if item_state.key is None:
                     # pending, not in the database: left out here, and storable() refuses it
@@ -1089,6 +1092,11 @@ def _relationship_tree(mapper: Mapper, paths: tuple[str, ...]) -> tuple[dict[str
             here = prop.mapper
             targets.append(here.class_)
     return tree, targets
+
+
+def _members(collection: Any) -> Iterable[Any]:
+    """The rows in a loaded collection: its values, also for a dict keyed by an attribute."""
+    return collection_adapter(collection)
 
 
 def _keep(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:

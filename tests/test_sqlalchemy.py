@@ -17,6 +17,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    attribute_keyed_dict,
     mapped_column,
     relationship,
     scoped_session,
@@ -113,6 +114,33 @@ class Member(OtherBase):
     __tablename__ = "members"
     id: Mapped[int] = mapped_column(primary_key=True)
     groups: Mapped[list[Group]] = relationship(secondary=member_groups, cascade="merge", order_by=Group.id)
+
+
+class CollectionsBase(DeclarativeBase):
+    pass
+
+
+class Badge(CollectionsBase):
+    __tablename__ = "badges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("holders.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Label(CollectionsBase):
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("holders.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Holder(CollectionsBase):
+    """A user whose collections are a set and a dict keyed by an attribute, not lists."""
+
+    __tablename__ = "holders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    badges: Mapped[set[Badge]] = relationship(collection_class=set)
+    labels: Mapped[dict[str, Label]] = relationship(collection_class=attribute_keyed_dict("name"))
 
 
 class World:
@@ -389,6 +417,53 @@ def test_a_hit_into_a_session_that_already_holds_rows_ends_in_the_same_state(mak
         assert calls == {"_build_new": 5, "_build": 5}
     else:
         assert calls["_build_new"] == 0
+
+
+def test_set_and_keyed_dict_collections_of_a_hit_are_the_ones_session_add_leaves(tmp_path, monkeypatch):
+    engine = create_engine(f"sqlite:///{tmp_path / 'holders.sqlite'}")
+    CollectionsBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Holder(id=1, badges={Badge(id=1, name="gold"), Badge(id=2, name="red")}, labels={"vip": Label(id=1, name="vip")}))
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Holder, relationships=("badges", "labels"))
+
+    def loader(user_id):
+        return db.get(Holder, int(user_id))
+
+    def seen(holder):
+        state = inspect(holder)
+        return (
+            isinstance(holder.badges, set) and type(holder.badges),
+            sorted(b.name for b in holder.badges),
+            isinstance(holder.labels, dict) and type(holder.labels),
+            {k: v.name for k, v in holder.labels.items()},
+            [tuple(map(len, state.attrs[name].history)) for name in ("badges", "labels")],
+            (state.persistent, state.modified, dict(state.committed_state), sorted(state.unloaded)),
+            sorted((type(row).__name__, inspect(row).persistent, inspect(row).modified) for row in db()),
+        )
+
+    try:
+        cache.get(1, loader)
+        db.remove()
+        calls = _count_builds(monkeypatch)
+        views = {}
+        for path in (sqlalchemy_binding._attach_rows, None):
+            binding._attach = path
+            with count_sql(engine) as statements:
+                views[path] = seen(cache.get(1, loader))
+            assert statements == []
+            db.remove()
+        assert calls["_build_new"] == 4  # the private path built all four rows in one pass
+        assert views[sqlalchemy_binding._attach_rows] == views[None]
+        assert views[None][0] and views[None][1] == ["gold", "red"]
+        assert views[None][2] and views[None][3] == {"vip": "vip"}
+        assert views[None][4] == [(0, 2, 0), (0, 1, 0)]  # unchanged, as loaded
+    finally:
+        binding.remove()
+        db.remove()
+        engine.dispose()
 
 
 def test_a_tree_that_reaches_a_row_twice_is_built_with_look_ups(make_world, monkeypatch):
