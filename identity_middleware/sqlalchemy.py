@@ -42,40 +42,55 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   ``current_user``, usually the request's first query. A session bound to a
   ``Connection`` (whose transaction may have begun earlier) never stores.
 
-Why a snapshot and not ``Session.merge(cached, load=False)``: ``merge`` is a
-little cheaper (benchmarks/sqlalchemy_hit.py, user + two roles: ~48 us against
-~61 us per hit, where a fresh load costs ~330 us on SQLite and ~1.1 ms on
-PostgreSQL), but it copies the cached state *onto* an object the session
-already has, silently discarding that request's pending changes to the user or
-to a shared ``Role``; it shares mutable column values (a JSON dict) between
-requests; and it refuses cached objects that were ever modified. Building from
-immutable data has none of these problems and needs no lock.
+Why a snapshot and not ``Session.merge(cached, load=False)``: ``merge`` is not
+cheaper (benchmarks/sqlalchemy_hit.py, user + two roles: ~46 us for the merge
+alone against ~29 us for a whole cache hit, where a fresh load costs ~380 us on
+SQLite and ~1 ms on PostgreSQL), and it copies the cached state *onto* an object
+the session already has, silently discarding that request's pending changes to
+the user or to a shared ``Role``; it shares mutable column values (a JSON dict)
+between requests; and it refuses cached objects that were ever modified.
+Building from immutable data has none of these problems and needs no lock.
 
-Where a hit's time goes: nearly all of it is SQLAlchemy's way of making rows
-persistent without SQL -- making each built instance detached, attaching it to
-the session, and the session's close detaching it again -- against ~3 us for
-building the instances. The public way is ``make_transient_to_detached`` per
+Where a hit's time goes (user + two roles, in an app context, best of many
+rounds on a 2-core machine): the request's session itself -- created, its
+transaction begun, closed -- ~17 us, which every request that uses its session
+pays; building the three instances ~6 us; attaching them and the close detaching
+them ~4.5 us. The public way to make rows persistent without SQL is
+``set_committed_value`` per relationship, ``make_transient_to_detached`` per
 instance and one ``Session.add``, which walks the save-update cascade from the
-user to find what to attach. A hit knows more than either: each instance's
-identity key and missing attributes are fixed by its snapshot, and it knows every
-instance it built. So, when the check below passes, it sets the key and expires
-the missing attributes itself (what ``make_transient_to_detached`` does to a new
-instance, minus working them out: ``InstanceState._expire_attributes``) and hands
-each instance to the step ``Session.add`` ends in for a detached row,
-``Session._update_impl`` (the session's autobegin, the identity map, the
-``before_attach``/``after_attach``/``detached_to_persistent`` events). Same rows,
-same state, same events; ~35 us less per hit and teardown for a user and two
-roles (measured on a loaded 2-core machine, ~95 against ~60 us). Both are private
-API, so the binding checks them at its first hit (:func:`private_attach_problem`:
-the signature, a row detached both ways must end in the same state, and
-``_update_impl`` must make it persistent in a scratch session without a
-database, with the events); if the check fails, hits take the public path and a
-WARNING says why. Only the instances a hit *built* are attached; ``Session.add``'s
-cascade would also have reached the session's own objects the snapshot's
-relationships point at, where it has nothing to do -- except to take back a
-pending ``session.delete()`` of one of them, which a cache hit should not.
-Registering the rows in the identity map directly would save ~15 us more, but
-skips the attach events; we do not.
+user to find what to attach. A hit knows more: each row's identity key and
+missing attributes are fixed by its snapshot, every row is new, and it knows
+every row it built. So, when the check below passes, a hit
+
+* sets the key and expires the attributes a row lacks itself (what
+  ``make_transient_to_detached`` does to a new instance, minus working them out:
+  ``InstanceState._expire_attributes``); a row that lacks nothing gets no
+  ``expire`` event, like a row loaded by a query;
+* fills each relationship as the ORM's loaders do (a collection from the
+  attribute's own factory, members appended without events), minus what
+  ``set_committed_value`` does for history and pending appends a new instance
+  cannot have (:func:`_set_loaded`);
+* attaches all rows in one step (:func:`_attach_rows`): the session's autobegin
+  once, then per row what ``Session._update_impl``, the step ``Session.add``
+  ends in for a detached row, does: ``before_attach``, the identity map,
+  ``after_attach``, ``detached_to_persistent``;
+* when the session holds no rows yet and no identity occurs twice in the
+  snapshot (the usual hit: the user is a request's first query), builds each
+  row in one pass, with nothing to look up in the session or among the rows
+  already built.
+
+Same rows, same state, same events; ~29 against ~54 us per hit and teardown on
+the public path (benchmarks/sqlalchemy_hit.py). These are private API, so the
+binding checks them at its first hit (:func:`private_attach_problem`: a row made
+detached and attached both ways, and every snapshotted relationship filled both
+ways, must end in the same state, session bookkeeping and events, in scratch
+sessions without a database); if the check fails, hits take the public path and
+a WARNING says why. Only the instances a hit *built* are attached;
+``Session.add``'s cascade would also have reached the session's own objects the
+snapshot's relationships point at, where it has nothing to do -- except to take
+back a pending ``session.delete()`` of one of them, which a cache hit should
+not. Registering the rows in the identity map directly would save a few
+microseconds more, but skips the attach events and the transaction; we do not.
 
 What it does not see: SQL that bypasses the ORM (``text("UPDATE users ...")``,
 ``connection.execute(users.update())``, writes from other programs, direct
@@ -100,6 +115,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
+from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from .config import ConfigError
@@ -151,7 +167,7 @@ _READ = "_identity_middleware_read"
 class _Node:
     """An immutable snapshot of one ORM row and the relationships named below it."""
 
-    __slots__ = ("new_instance", "key", "values", "copied", "children", "unloaded")
+    __slots__ = ("new_instance", "key", "values", "copied", "children", "unloaded", "distinct")
 
     def __init__(
         self,
@@ -159,14 +175,16 @@ class _Node:
         key: tuple,
         values: dict[str, Any],
         copied: tuple[str, ...],
-        children: tuple[tuple[str, bool, Any], ...],
+        children: tuple[tuple[str, bool, Any, Any], ...],
     ) -> None:
         self.new_instance = manager.new_instance  # builds an instance without __init__
         self.key = key  # the identity key, as the session's identity map uses it
         self.values = values  # column values; never mutated after construction
         self.copied = copied  # keys in values that each instance gets a deep copy of
-        self.children = children  # (relationship, is_collection, tuple of nodes | node | None)
+        # (relationship, is_collection, tuple of nodes | node | None, its attribute implementation)
+        self.children = children
         self.unloaded: tuple[str, ...] | None = None  # what a built instance lacks; set by its first build
+        self.distinct = False  # on the root: no identity occurs twice in the tree (set by to_cache)
 
     def __repr__(self) -> str:
         return f"<snapshot {self.key[0].__name__}{self.key[1]!r}>"
@@ -245,9 +263,9 @@ class SQLAlchemyBinding:
         # Whether adding the user reaches everything a hit builds (the usual case): then
         # one Session.add per hit, else one per instance the cascade does not reach.
         self._add_cascades = _cascades(mapper, tree, "save-update")
-        # _update_impl once the private seams passed their check, None for the public
+        # _attach_rows once the private seams passed their check, None for the public
         # path (module docstring). Checked at the first hit: the mappers are configured then.
-        self._attach: Callable[[Session, InstanceState], None] | None = _unchecked
+        self._attach: Callable[[Session, Sequence[InstanceState]], None] | None = _unchecked
         self._removed = False
         self._listeners = (
             ("after_begin", self._after_begin),
@@ -292,6 +310,7 @@ class SQLAlchemyBinding:
                 f"{', '.join(self.relationships) or 'columns'} were not loaded; load them before the "
                 "session closes (for example with selectinload) or return an attached instance"
             ) from exc
+        node.distinct = _distinct_keys(node, set())
         return node
 
     def from_cache(self, stored: _Node | None) -> Any:
@@ -304,15 +323,23 @@ class SQLAlchemyBinding:
         session = self._current() if self._current is not None else None
         if session is None:
             return self._build(stored, None, {})
-        in_session = session.identity_map.get
+        identity_map = session.identity_map
+        if attach is not None and stored.distinct and not identity_map:
+            # The common hit: the request's first use of its session. Nothing the
+            # snapshot names can be in the session yet and no identity occurs twice in
+            # it, so there is nothing to look up or to merge: build each row once.
+            states: list[InstanceState] = []
+            user = self._build_new(stored, states)
+            attach(session, states)
+            return user
+        in_session = identity_map.get
         existing = in_session(stored.key)
         if existing is not None:
             return existing  # the session's view wins, as with session.get()
         built: dict[tuple, Any] = {}
         user = self._build(stored, in_session, built)
-        if attach is not None:
-            for obj in built.values():  # what Session.add ends in, minus the cascade walk
-                attach(session, instance_state(obj))
+        if attach is not None:  # what Session.add ends in, minus the cascade walk
+            attach(session, [instance_state(obj) for obj in built.values()])
         elif self._add_cascades:
             session.add(user)  # cascades to every instance built below it
         else:
@@ -321,9 +348,9 @@ class SQLAlchemyBinding:
                     session.add(obj)
         return user
 
-    def _choose_attach(self) -> Callable[[Session, InstanceState], None] | None:
-        problem = private_attach_problem(self.user_model)
-        attach = _update_impl if problem is None else None
+    def _choose_attach(self) -> Callable[[Session, Sequence[InstanceState]], None] | None:
+        problem = private_attach_problem(self.user_model, self.relationships)
+        attach = _attach_rows if problem is None else None
         if problem is not None:
             log.warning(
                 "bind_sqlalchemy: cache hits use make_transient_to_detached and Session.add (slower) because %s",
@@ -357,7 +384,9 @@ class SQLAlchemyBinding:
         dict_ = state.dict
         for name, subtree in tree.items():
             loaded = dict_.get(name)  # to_cache loaded every named relationship
-            items: Iterable[Any] = [] if loaded is None else loaded if state.mapper.relationships[name].uselist else [loaded]
+            items: Iterable[Any] = (
+                [] if loaded is None else _members(loaded) if state.mapper.relationships[name].uselist else [loaded]
+            )
             for item in items:
                 if not self._read_after(instance_state(item), subtree, token):
                     return False
@@ -413,13 +442,14 @@ class SQLAlchemyBinding:
             loaded = getattr(obj, name)  # lazy-loads in the loading request, if not loaded yet
             many = state.mapper.relationships[name].uselist
             nodes = []
-            for item in loaded if many else ([] if loaded is None else [loaded]):
+            for item in _members(loaded) if many else ([] if loaded is None else [loaded]):
                 item_state = instance_state(item)
                 if item_state.key is None:
                     # pending, not in the database: left out here, and storable() refuses it
                     continue
                 nodes.append(self._snapshot(item_state, subtree))
-            children.append((name, True, tuple(nodes)) if many else (name, False, nodes[0] if nodes else None))
+            impl = state.manager[name].impl
+            children.append((name, True, tuple(nodes), impl) if many else (name, False, nodes[0] if nodes else None, impl))
         identity = state.key
         assert identity is not None  # callers pass persistent rows only (pending ones are skipped)
         return _Node(state.manager, identity, values, copied, tuple(children))
@@ -444,11 +474,11 @@ class SQLAlchemyBinding:
         if node.copied:
             for name in node.copied:
                 dict_[name] = copy.deepcopy(node.values[name])
-        for name, many, child in node.children:
+        for name, many, child, _ in node.children:
             set_committed_value(obj, name, self._build_child(many, child, in_session, built))
         # A key, clean history, missing columns expired; session.add then makes it
         # persistent at once, without SQL.
-        if self._attach is _update_impl:  # the private seams passed their check
+        if self._attach is _attach_rows:  # the private seams passed their check
             state = instance_state(obj)
             unloaded = node.unloaded
             if unloaded is None:  # the same for every instance built from this node
@@ -456,6 +486,30 @@ class SQLAlchemyBinding:
             _to_detached(state, key, unloaded)
         else:
             make_transient_to_detached(obj)
+        return obj
+
+    def _build_new(self, node: _Node, states: list[InstanceState]) -> Any:
+        """``_build`` for a tree without repeated identities, into a session that holds
+        none of them, on the checked private path: the same instances, appended to
+        ``states`` in the order ``_build`` would attach them."""
+        obj = node.new_instance()
+        state = instance_state(obj)
+        states.append(state)
+        dict_ = instance_dict(obj)
+        dict_.update(node.values)
+        if node.copied:
+            for name in node.copied:
+                dict_[name] = copy.deepcopy(node.values[name])
+        for _, many, child, impl in node.children:
+            if many:
+                value: Any = [self._build_new(item, states) for item in child]
+            else:
+                value = None if child is None else self._build_new(child, states)
+            _set_loaded(state, dict_, impl, value)
+        unloaded = node.unloaded
+        if unloaded is None:
+            unloaded = node.unloaded = tuple(state.unloaded)
+        _to_detached(state, node.key, unloaded)
         return obj
 
     def _build_child(
@@ -470,7 +524,7 @@ class SQLAlchemyBinding:
     ) -> None:
         """Relationships another path reached ``obj`` with, set unless already set."""
         dict_ = instance_dict(obj)
-        for name, many, child in node.children:
+        for name, many, child, _ in node.children:
             if name not in dict_:
                 value = self._build_child(many, child, in_session, built)
                 if name not in dict_:
@@ -745,11 +799,49 @@ def bind_sqlalchemy(
     return binding
 
 
-def _update_impl(session: Session, state: InstanceState) -> None:
-    session._update_impl(state)  # type: ignore[attr-defined]
+def _attach_rows(session: Session, states: Sequence[InstanceState]) -> None:
+    """``Session.add`` for rows a hit built and made detached, minus its cascade walk.
+
+    What ``Session._update_impl`` does for each (the session's autobegin, the
+    ``before_attach`` event, the identity map, the ``after_attach`` and
+    ``detached_to_persistent`` events, in that order per row), with the checks it
+    makes per row left out because a new instance passes them all: it has a key,
+    is alive (``states`` belongs to rows the caller holds), unmodified, in no
+    session and not deleted. :func:`private_attach_problem` compares the result
+    with ``Session.add`` before hits use it.
+    """
+    session._autobegin_t()  # type: ignore[attr-defined]  # once for all rows, as the first row's add does
+    dispatch = session.dispatch
+    before_attach, after_attach = dispatch.before_attach, dispatch.after_attach
+    detached_to_persistent = dispatch.detached_to_persistent
+    add = session.identity_map.add
+    session_id = session.hash_key
+    for state in states:
+        before_attach(session, state)
+        add(state)  # refuses a second row with the same key, as Session.add would
+        state.session_id = session_id
+        after_attach(session, state)
+        detached_to_persistent(session, state)
 
 
-def _unchecked(session: Session, state: InstanceState) -> None:
+def _set_loaded(state: InstanceState, dict_: dict[str, Any], impl: Any, value: Any) -> None:
+    """``set_committed_value`` for a relationship of an instance a hit just created,
+    minus what such an instance cannot need: committing history it does not have
+    (``InstanceState._commit``) and replaying appends made before the relationship
+    was loaded (it never was). For a collection this is what the ORM's loaders do:
+    a new collection through the attribute's own factory and events, filled without
+    events. :func:`private_attach_problem` compares the result with
+    ``set_committed_value`` for every relationship a binding snapshots."""
+    if impl.collection:
+        adapter, collection = impl._initialize_collection(state)
+        if value:
+            adapter.append_multiple_without_event(value)
+        dict_[impl.key] = collection
+    else:
+        dict_[impl.key] = value
+
+
+def _unchecked(session: Session, states: Sequence[InstanceState]) -> None:
     raise AssertionError("placeholder: SQLAlchemyBinding._choose_attach replaces it")
 
 
@@ -758,73 +850,166 @@ def _to_detached(state: InstanceState, key: tuple, unloaded: tuple[str, ...]) ->
     attributes are known: what it does, minus computing them (and minus resetting the
     history of a state that has none yet)."""
     state.key = key
-    state._expire_attributes(state.dict, unloaded)  # marks them expired, fires "expire"
+    if unloaded:  # a row with nothing to expire gets no "expire" event, as a loaded row gets none
+        state._expire_attributes(state.dict, unloaded)  # marks them expired, fires "expire"
 
 
-def private_attach_problem(model: type) -> str | None:
+def private_attach_problem(model: type, relationships: Sequence[str] = ()) -> str | None:
     """Why hits cannot use the private seams with this SQLAlchemy, or None if they can.
 
-    Checks ``Session._update_impl``'s signature; that an instance of ``model``
-    made detached as a hit makes it (:func:`_to_detached`) has the key, expired
-    attributes and clean history ``make_transient_to_detached`` gives; and that
-    ``_update_impl`` turns it into a persistent row of a scratch session that
-    has no database: in its identity map, attached, unmodified, with the attach
-    events fired, and detached again by ``close``.
+    Builds rows of ``model`` with a probe key twice, once the public way
+    (``make_transient_to_detached`` and ``Session.add``), once as a hit does
+    (:func:`_to_detached` and :func:`_attach_rows`), each in a scratch session
+    that has no database, and requires the same outcome: the detached state (key,
+    expired attributes, clean history), then the persistent one (every attribute
+    of the state but the session it names, the identity map, the session's
+    bookkeeping, its transaction, the attach events in order), and ``close``
+    detaching the row again. For each of ``relationships`` (as passed to
+    :func:`bind_sqlalchemy`) it sets a probe row's relationship with
+    ``set_committed_value`` and with :func:`_set_loaded` and requires the same
+    state, collection and history.
     """
-    import inspect as pyinspect
-
-    method = getattr(Session, "_update_impl", None)
-    if not callable(method):
-        return "Session._update_impl no longer exists"
-    try:
-        parameters = list(pyinspect.signature(method).parameters)
-    except (TypeError, ValueError):
-        return "Session._update_impl has no inspectable signature"
-    if parameters[:2] != ["self", "state"]:
-        return f"Session._update_impl takes ({', '.join(parameters)}), not (self, state, ...)"
     mapper = _mapper_of(model, "user_model")
     try:
-        pk = tuple(_probe_value(column) for column in mapper.primary_key)
-        public, obj = mapper.class_manager.new_instance(), mapper.class_manager.new_instance()
-        for instance in (public, obj):
-            for column, value in zip(mapper.primary_key, pk, strict=True):
-                instance_dict(instance)[mapper.get_property_by_column(column).key] = value
+        mapper.attrs  # configures the model's mappers if nothing has yet (public; idempotent)
+        public, obj = _probe_row(mapper), _probe_row(mapper)
         make_transient_to_detached(public)
         state, expected = instance_state(obj), instance_state(public)
-        _to_detached(state, mapper.identity_key_from_primary_key(pk), tuple(state.unloaded))
-        mine = (state.key, set(state.expired_attributes), dict(state.committed_state), state.modified, state.expired)
-        theirs = (
-            expected.key,
-            set(expected.expired_attributes),
-            dict(expected.committed_state),
-            expected.modified,
-            expected.expired,
-        )
+        _to_detached(state, mapper.identity_key_from_primary_key(_probe_key(mapper)), tuple(state.unloaded))
+        mine, theirs = _detached_view(state), _detached_view(expected)
         if mine != theirs:
             return f"a detached row built without make_transient_to_detached differs: {mine!r} != {theirs!r}"
-        session = Session()
-        events: list[str] = []
-        for name in ("before_attach", "after_attach", "detached_to_persistent"):
-            event.listen(session, name, lambda *args, name=name: events.append(name))
+        theirs_session, my_session = Session(), Session()
         try:
-            _update_impl(session, state)
-            ok = (
-                state.persistent
-                and state.key is not None
-                and session.identity_map.get(state.key) is obj
-                and obj in session
-                and not state.modified
-                and events == ["before_attach", "after_attach", "detached_to_persistent"]
-            )
-            if not ok:
-                return f"Session._update_impl did not make a detached row persistent as Session.add does (events: {events})"
+            events: dict[Session, list[str]] = {theirs_session: [], my_session: []}
+            for session, seen in events.items():
+                for name in ("before_attach", "after_attach", "detached_to_persistent"):
+                    event.listen(session, name, lambda session, target, name=name, seen=seen: seen.append(name))
+            theirs_session.add(public)
+            _attach_rows(my_session, [state])
+            names = _state_fields(state, expected) - {"session_id", "_instance_dict", "_strong_obj"}
+            mine = _attached_view(my_session, state, names, events[my_session])
+            theirs = _attached_view(theirs_session, expected, names, events[theirs_session])
+            if mine != theirs or not state.persistent:
+                return f"a row attached without Session.add differs: {mine!r} != {theirs!r}"
         finally:
-            session.close()
+            theirs_session.close()
+            my_session.close()
         if not state.detached:
-            return "Session.close no longer detaches rows attached by Session._update_impl"
+            return "Session.close no longer detaches rows attached without Session.add"
+        tree, _ = _relationship_tree(mapper, tuple(relationships))
+        for owner, prop in dict.fromkeys(_edges(mapper, tree)):
+            problem = _set_loaded_problem(owner, prop)
+            if problem is not None:
+                return problem
     except Exception as exc:  # any surprise means: use the public path
-        return f"Session._update_impl failed on a detached {mapper.class_.__name__}: {exc!r}"
+        return f"building a {mapper.class_.__name__} as a hit does failed: {exc!r}"
     return None
+
+
+def _set_loaded_problem(owner: Mapper, prop: Any) -> str | None:
+    """Why :func:`_set_loaded` differs from ``set_committed_value`` for ``prop``, or None."""
+    impl = owner.class_manager[prop.key].impl
+    public, mine = _probe_row(owner), _probe_row(owner)
+    child = _probe_row(prop.mapper, every_column=True)
+    set_committed_value(public, prop.key, [child] if prop.uselist else child)
+    _set_loaded(instance_state(mine), instance_dict(mine), impl, [child] if prop.uselist else child)
+    names = _state_fields(instance_state(mine), instance_state(public))
+    theirs_view, mine_view = _loaded_view(public, impl, names), _loaded_view(mine, impl, names)
+    if mine_view != theirs_view:
+        return (
+            f"{owner.class_.__name__}.{prop.key} set without set_committed_value differs: "
+            f"{mine_view!r} != {theirs_view!r}"
+        )
+    return None
+
+
+_MISSING = object()
+
+
+def _detached_view(state: InstanceState) -> tuple:
+    return (state.key, set(state.expired_attributes), dict(state.committed_state), state.modified, state.expired)
+
+
+def _state_fields(*states: InstanceState) -> set[str]:
+    """Every attribute either state holds in its ``__dict__``; compared by the value it
+    reads as, since one may hold a default or a memoized value the other computes on access."""
+    return set().union(*(vars(state) for state in states))
+
+
+def _loaded_view(obj: Any, impl: Any, names: Iterable[str]) -> tuple:
+    """A probe row's state after one relationship was set, in terms that do not name the row."""
+    state = instance_state(obj)
+    fields = {name: getattr(state, name, _MISSING) for name in sorted(names)}
+    loaded = state.dict[impl.key]
+    adapter = getattr(loaded, "_sa_adapter", None) if impl.collection else None
+    return (
+        _detached_view(state),
+        fields,
+        type(loaded),
+        list(adapter) if adapter is not None else loaded,
+        None if adapter is None else (adapter.attr is impl, adapter.owner_state is state, adapter.data is loaded),
+        None if adapter is None else (adapter.invalidated, adapter.empty),
+        tuple(impl.get_history(state, state.dict)),
+        sorted(state.unloaded),
+    )
+
+
+def _attached_view(session: Session, state: InstanceState, names: Iterable[str], events: list[str]) -> tuple:
+    """What attaching ``state`` to ``session`` changed, in terms that do not name either."""
+    obj = state.obj()
+    transaction = session.get_transaction()
+    return (
+        _detached_view(state),
+        state.persistent,
+        {name: getattr(state, name, _MISSING) for name in sorted(names)},
+        getattr(state, "_strong_obj", None) is obj,
+        state.key is not None and session.identity_map.get(state.key) is obj,
+        list(session.identity_map.keys()) == [state.key],
+        obj in session,
+        (list(session.new), list(session.dirty), list(session.deleted)),
+        # the session's own attributes, by name and size, so that new bookkeeping shows
+        sorted((name, len(value) if isinstance(value, (dict, set, list)) else None) for name, value in vars(session).items()),
+        None if transaction is None else (transaction.origin, transaction.nested, transaction.is_active),
+        events,
+    )
+
+
+def _distinct_keys(node: _Node, seen: set[tuple]) -> bool:
+    """Whether no identity occurs twice in the snapshot below ``node`` (``seen`` collects them)."""
+    if node.key in seen:
+        return False
+    seen.add(node.key)
+    for _, many, child, _ in node.children:
+        for item in child if many else () if child is None else (child,):
+            if not _distinct_keys(item, seen):
+                return False
+    return True
+
+
+def _probe_key(mapper: Mapper) -> tuple:
+    return tuple(_probe_value(column) for column in mapper.primary_key)
+
+
+def _probe_row(mapper: Mapper, *, every_column: bool = False) -> Any:
+    """A new instance with its primary key (or every column) set, for a row that never
+    reaches a database."""
+    obj = mapper.class_manager.new_instance()
+    dict_ = instance_dict(obj)
+    for column, value in zip(mapper.primary_key, _probe_key(mapper), strict=True):
+        dict_[mapper.get_property_by_column(column).key] = value
+    if every_column:  # a collection keyed by an attribute needs it on its members
+        for prop in mapper.column_attrs:
+            dict_.setdefault(prop.key, _probe_value(prop.columns[0]))
+    return obj
+
+
+def _edges(mapper: Mapper, tree: Mapping[str, dict]) -> Iterable[tuple[Mapper, Any]]:
+    """(owning mapper, relationship) for every relationship of ``tree``."""
+    for name, subtree in tree.items():
+        prop = mapper.relationships[name]
+        yield mapper, prop
+        yield from _edges(prop.mapper, subtree)
 
 
 def _probe_value(column: Any) -> Any:
@@ -907,6 +1092,11 @@ def _relationship_tree(mapper: Mapper, paths: tuple[str, ...]) -> tuple[dict[str
             here = prop.mapper
             targets.append(here.class_)
     return tree, targets
+
+
+def _members(collection: Any) -> Iterable[Any]:
+    """The rows in a loaded collection: its values, also for a dict keyed by an attribute."""
+    return collection_adapter(collection)
 
 
 def _keep(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    attribute_keyed_dict,
     mapped_column,
     relationship,
     scoped_session,
@@ -115,6 +116,33 @@ class Member(OtherBase):
     groups: Mapped[list[Group]] = relationship(secondary=member_groups, cascade="merge", order_by=Group.id)
 
 
+class CollectionsBase(DeclarativeBase):
+    pass
+
+
+class Badge(CollectionsBase):
+    __tablename__ = "badges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("holders.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Label(CollectionsBase):
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("holders.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Holder(CollectionsBase):
+    """A user whose collections are a set and a dict keyed by an attribute, not lists."""
+
+    __tablename__ = "holders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    badges: Mapped[set[Badge]] = relationship(collection_class=set)
+    labels: Mapped[dict[str, Label]] = relationship(collection_class=attribute_keyed_dict("name"))
+
+
 class World:
     """One database, one scoped session, one cache bound to it, one counting loader."""
 
@@ -152,12 +180,14 @@ class World:
         return self.get(user_id)
 
 
-@pytest.fixture(params=["update_impl", "session_add"])
+@pytest.fixture(params=["private", "session_add"])
 def attach_path(request, monkeypatch):
     """Every World test runs with hits attached through the checked private seam and through
     the public fallback (``Session.add``), which a failed check selects."""
     if request.param == "session_add":
-        monkeypatch.setattr(sqlalchemy_binding, "private_attach_problem", lambda model: "a test asked for Session.add")
+        monkeypatch.setattr(
+            sqlalchemy_binding, "private_attach_problem", lambda model, relationships=(): "a test asked for Session.add"
+        )
     return request.param
 
 
@@ -214,9 +244,9 @@ def test_a_hit_fires_the_attach_events_session_add_fires_for_each_row_it_built(w
     finally:
         for name, listener in listeners:
             event.remove(world.factory, name, listener)
-    # Each event once per row the hit built -- the user and its two roles -- as Session.add fires them.
-    assert sorted(seen) == sorted((name, kind) for name, _ in listeners for kind in ("Role", "Role", "User"))
-    assert (world.binding._attach is sqlalchemy_binding._update_impl) == (attach_path == "update_impl")
+    # Each event once per row the hit built -- the user, then its two roles -- in the order Session.add fires them.
+    assert seen == [(name, kind) for kind in ("User", "Role", "Role") for name, _ in listeners]
+    assert (world.binding._attach is sqlalchemy_binding._attach_rows) == (attach_path == "private")
 
 
 def test_a_hit_leaves_a_pending_delete_of_a_role_the_session_holds_alone(world, attach_path):
@@ -226,33 +256,73 @@ def test_a_hit_leaves_a_pending_delete_of_a_role_the_session_holds_alone(world, 
     world.db.delete(editor)
     user = world.get()
     assert user.roles[1] is editor
-    if attach_path == "update_impl":
+    if attach_path == "private":
         assert editor in world.db.deleted  # Session.add's cascade would take the delete back
     world.db.rollback()
 
 
+def _after_attach_that_does_more(monkeypatch):
+    """What a SQLAlchemy whose attach step keeps more bookkeeping looks like."""
+    original = Session._after_attach
+
+    def after_attach(self, state, obj):
+        original(self, state, obj)
+        state.info["marked by"] = "a newer Session.add"
+
+    monkeypatch.setattr(Session, "_after_attach", after_attach)
+
+
+def _collection_load_that_does_more(monkeypatch):
+    """What a SQLAlchemy whose set_committed_value of a collection keeps more bookkeeping looks like."""
+    impl = type(inspect(User).class_manager["roles"].impl)
+    original = impl.set_committed_value
+
+    def set_committed_value(self, state, dict_, value):
+        state.info["marked by"] = "a newer set_committed_value"
+        return original(self, state, dict_, value)
+
+    monkeypatch.setattr(impl, "set_committed_value", set_committed_value)
+
+
 def test_the_private_attach_check_passes_with_this_sqlalchemy_and_fails_on_another_shape(monkeypatch):
     assert private_attach_problem(User) is None
-    original = Session._update_impl
+    assert private_attach_problem(Member, ("groups",)) is None
+    assert private_attach_problem(User, ("roles.permissions", "roles.users", "team")) is None
+    with monkeypatch.context() as m:
+        _after_attach_that_does_more(m)
+        problem = private_attach_problem(User)
+        assert problem is not None and "attached without Session.add differs" in problem and "newer Session.add" in problem
+    with monkeypatch.context() as m:
+        original = Session._before_attach
 
-    def reshaped(self, *args, **kwargs):  # what a SQLAlchemy that renamed the argument looks like
-        return original(self, *args, **kwargs)
+        def before_attach(self, state, obj):  # a session that counts what it attached
+            self._attached = getattr(self, "_attached", 0) + 1
+            return original(self, state, obj)
 
-    monkeypatch.setattr(Session, "_update_impl", reshaped)
-    assert "not (self, state, ...)" in private_attach_problem(User)
-    monkeypatch.setattr(Session, "_update_impl", lambda self, state, revert_deletion=False: None)
-    assert "did not make a detached row persistent" in private_attach_problem(User)
-    monkeypatch.delattr(Session, "_update_impl")
-    assert private_attach_problem(User) == "Session._update_impl no longer exists"
+        m.setattr(Session, "_before_attach", before_attach)
+        problem = private_attach_problem(User)
+        assert problem is not None and "differs" in problem and "_attached" in problem
+    with monkeypatch.context() as m:
+        m.delattr(Session, "_autobegin_t")
+        assert "_autobegin_t" in private_attach_problem(User)
+    with monkeypatch.context() as m:
+        _collection_load_that_does_more(m)
+        assert private_attach_problem(User, ("team",)) is None  # a many-to-one is not a collection
+        problem = private_attach_problem(User, ("team", "roles"))
+        assert problem is not None and "User.roles set without set_committed_value differs" in problem
 
 
-def test_a_failed_check_warns_once_and_hits_use_session_add_with_every_guarantee(tmp_path, monkeypatch, caplog):
-    original = Session._update_impl
-
-    def reshaped(self, *args, **kwargs):
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Session, "_update_impl", reshaped)
+@pytest.mark.parametrize(
+    "shape, warned",
+    [
+        (_after_attach_that_does_more, "attached without Session.add differs"),
+        (_collection_load_that_does_more, "User.roles set without set_committed_value differs"),
+    ],
+)
+def test_a_failed_check_warns_once_and_hits_use_the_public_path_with_every_guarantee(
+    tmp_path, monkeypatch, caplog, shape, warned
+):
+    shape(monkeypatch)
     w = World(tmp_path / "db.sqlite")
     try:
         with caplog.at_level("WARNING", logger="identity_middleware.sqlalchemy"):
@@ -263,8 +333,9 @@ def test_a_failed_check_warns_once_and_hits_use_session_add_with_every_guarantee
                 names = [role.name for role in second.roles]
         assert statements == [] and names == ["admin", "editor"]
         assert second is not first and inspect(second).session is w.db()
+        assert inspect(second).info["marked by"].startswith("a newer")  # the public path built it
         warnings = [r.getMessage() for r in caplog.records if "Session.add" in r.getMessage()]
-        assert len(warnings) == 1 and "Session._update_impl takes" in warnings[0]
+        assert len(warnings) == 1 and warned in warnings[0]
         assert w.binding._attach is None
         second.email = "changed@x"
         w.db.commit()
@@ -300,16 +371,132 @@ def test_the_private_and_the_public_attach_path_leave_the_same_state(tmp_path):
     try:
         w.request()
         seen = {}
-        for path in (sqlalchemy_binding._update_impl, None):
+        for path in (sqlalchemy_binding._attach_rows, None):
             w.binding._attach = path
             user = w.request()
             seen[path] = _observable(w.db(), user)
-        assert seen[sqlalchemy_binding._update_impl] == seen[None]
+        assert seen[sqlalchemy_binding._attach_rows] == seen[None]
         assert seen[None][0][0][2] is True  # persistent, and compared field by field above
     finally:
         w.binding.remove()
         w.db.remove()
         w.engine.dispose()
+
+
+def _count_builds(monkeypatch) -> dict[str, int]:
+    """How many rows hits built in one pass (an empty session, no repeated row) and how
+    many with look-ups (the general way); the real methods run."""
+    calls = {"_build_new": 0, "_build": 0}
+    for name in calls:
+        original = getattr(sqlalchemy_binding.SQLAlchemyBinding, name)
+
+        def counted(self, *args, original=original, name=name):
+            calls[name] += 1
+            return original(self, *args)
+
+        monkeypatch.setattr(sqlalchemy_binding.SQLAlchemyBinding, name, counted)
+    return calls
+
+
+def test_a_hit_into_a_session_that_already_holds_rows_ends_in_the_same_state(make_world, attach_path, monkeypatch):
+    w = make_world(relationships=("roles.permissions", "team"))
+    w.request()
+    calls = _count_builds(monkeypatch)
+    user = w.request()
+    into_empty = _observable(w.db(), user)
+    # The request's session already holds a row (bob, none of whose relationships is
+    # loaded): the hit must look up every row it builds, and ends the same.
+    w.db.remove()
+    bob = w.db.get(User, 2)  # held: the identity map keeps rows only while someone does
+    into_used = _observable(w.db(), w.get())
+    assert bob in w.db()
+    assert into_used[:4] == into_empty[:4] and into_used[4] == into_empty[4] + 1
+    assert into_empty[0][0][2] is True  # persistent, and compared field by field above
+    if attach_path == "private":
+        # five rows each (user, team, two roles, one permission): the first hit in one pass, the second with look-ups
+        assert calls == {"_build_new": 5, "_build": 5}
+    else:
+        assert calls["_build_new"] == 0
+
+
+def test_set_and_keyed_dict_collections_of_a_hit_are_the_ones_session_add_leaves(tmp_path, monkeypatch):
+    engine = create_engine(f"sqlite:///{tmp_path / 'holders.sqlite'}")
+    CollectionsBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Holder(id=1, badges={Badge(id=1, name="gold"), Badge(id=2, name="red")}, labels={"vip": Label(id=1, name="vip")}))
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Holder, relationships=("badges", "labels"))
+
+    def loader(user_id):
+        return db.get(Holder, int(user_id))
+
+    def seen(holder):
+        state = inspect(holder)
+        return (
+            isinstance(holder.badges, set) and type(holder.badges),
+            sorted(b.name for b in holder.badges),
+            isinstance(holder.labels, dict) and type(holder.labels),
+            {k: v.name for k, v in holder.labels.items()},
+            [tuple(map(len, state.attrs[name].history)) for name in ("badges", "labels")],
+            (state.persistent, state.modified, dict(state.committed_state), sorted(state.unloaded)),
+            sorted((type(row).__name__, inspect(row).persistent, inspect(row).modified) for row in db()),
+        )
+
+    try:
+        cache.get(1, loader)
+        db.remove()
+        calls = _count_builds(monkeypatch)
+        views = {}
+        for path in (sqlalchemy_binding._attach_rows, None):
+            binding._attach = path
+            with count_sql(engine) as statements:
+                views[path] = seen(cache.get(1, loader))
+            assert statements == []
+            db.remove()
+        assert calls["_build_new"] == 4  # the private path built all four rows in one pass
+        assert views[sqlalchemy_binding._attach_rows] == views[None]
+        assert views[None][0] and views[None][1] == ["gold", "red"]
+        assert views[None][2] and views[None][3] == {"vip": "vip"}
+        assert views[None][4] == [(0, 2, 0), (0, 1, 0)]  # unchanged, as loaded
+    finally:
+        binding.remove()
+        db.remove()
+        engine.dispose()
+
+
+def test_a_tree_that_reaches_a_row_twice_is_built_with_look_ups(make_world, monkeypatch):
+    w = make_world(relationships=("roles", "roles.users"))
+    w.request()
+    calls = _count_builds(monkeypatch)
+    user = w.request()
+    assert calls["_build_new"] == 0 and calls["_build"] > 0
+    assert user.roles[0].users[0] is user
+
+
+def test_a_hit_fires_expire_only_for_rows_that_lack_attributes(make_world, attach_path):
+    w = make_world(relationships=("roles.permissions",))
+    w.request()
+    w.db.remove()
+    expired = []
+
+    def on_expire(target, attrs):
+        expired.append((type(target).__name__, sorted(attrs or ())))
+
+    event.listen(Base, "expire", on_expire, propagate=True)
+    try:
+        user = w.get()
+    finally:
+        event.remove(Base, "expire", on_expire)
+    rows = [user, *user.roles, *(p for r in user.roles for p in r.permissions)]
+    lacking = [(type(row).__name__, sorted(inspect(row).unloaded)) for row in rows]
+    assert lacking[0] == ("User", ["bio", "team", "tokens"]) and lacking[-1] == ("Permission", [])
+    if attach_path == "private":
+        # A Permission has every attribute: like a row loaded by a query, it gets no event.
+        assert sorted(expired) == sorted(row for row in lacking if row[1])
+    else:  # make_transient_to_detached fires one for every row, with nothing in it for a Permission
+        assert sorted(expired) == sorted(lacking)
 
 
 def test_a_deferred_column_of_a_hit_loads_on_access_as_on_a_loaded_row(world):
