@@ -14,7 +14,8 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
 * **What a hit returns** is a new ORM instance built from that snapshot and added
   to the *current* session as if it had just been loaded: no SQL, the named
   relationships readable, anything else lazy-loads as usual, and it can be
-  modified and committed. Each caller gets its own object; when the current
+  modified and committed (in-place changes to ``sqlalchemy.ext.mutable`` values
+  included: :func:`_adopt_values`). Each caller gets its own object; when the current
   session already holds that user (or one of its roles) the session's own object
   is used, exactly as ``session.get`` would.
 * **Invalidation is automatic and happens only after commit.** Listeners on *your*
@@ -113,7 +114,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Se
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoInspectionAvailable
-from sqlalchemy.orm import Mapper, Session, make_transient_to_detached, scoped_session, sessionmaker
+from sqlalchemy.orm import Mapper, Session, configure_mappers, make_transient_to_detached, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
 from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
@@ -478,14 +479,15 @@ class SQLAlchemyBinding:
             set_committed_value(obj, name, self._build_child(many, child, in_session, built))
         # A key, clean history, missing columns expired; session.add then makes it
         # persistent at once, without SQL.
+        state = instance_state(obj)
         if self._attach is _attach_rows:  # the private seams passed their check
-            state = instance_state(obj)
             unloaded = node.unloaded
             if unloaded is None:  # the same for every instance built from this node
                 unloaded = node.unloaded = tuple(state.unloaded)
             _to_detached(state, key, unloaded)
         else:
             make_transient_to_detached(obj)
+        _adopt_values(state)
         return obj
 
     def _build_new(self, node: _Node, states: list[InstanceState]) -> Any:
@@ -510,6 +512,7 @@ class SQLAlchemyBinding:
         if unloaded is None:
             unloaded = node.unloaded = tuple(state.unloaded)
         _to_detached(state, node.key, unloaded)
+        _adopt_values(state)
         return obj
 
     def _build_child(
@@ -854,6 +857,22 @@ def _to_detached(state: InstanceState, key: tuple, unloaded: tuple[str, ...]) ->
         state._expire_attributes(state.dict, unloaded)  # marks them expired, fires "expire"
 
 
+def _adopt_values(state: InstanceState) -> None:
+    """Tell extensions that track column values in place about a row built from a snapshot.
+
+    ``sqlalchemy.ext.mutable`` learns which row a ``MutableDict`` (or list, set,
+    composite) value belongs to when the row is loaded; without that, an in-place
+    change (``user.prefs["theme"] = "dark"``) marks nothing modified and the commit
+    silently drops it. A hit's row is not loaded but built, as ``Session.merge(...,
+    load=False)`` builds one, and SQLAlchemy announces such rows with this instance
+    event, which ``ext.mutable`` listens to alongside ``load``. Nothing listens in
+    an app without mutable types, and then this costs one attribute lookup.
+    """
+    listeners = getattr(state.manager.dispatch, "_sa_event_merge_wo_load", None)
+    if listeners:
+        listeners(state, None)
+
+
 def private_attach_problem(model: type, relationships: Sequence[str] = ()) -> str | None:
     """Why hits cannot use the private seams with this SQLAlchemy, or None if they can.
 
@@ -871,7 +890,7 @@ def private_attach_problem(model: type, relationships: Sequence[str] = ()) -> st
     """
     mapper = _mapper_of(model, "user_model")
     try:
-        mapper.attrs  # configures the model's mappers if nothing has yet (public; idempotent)
+        configure_mappers()  # as the first query would (idempotent): the probes need relationships set up
         public, obj = _probe_row(mapper), _probe_row(mapper)
         make_transient_to_detached(public)
         state, expected = instance_state(obj), instance_state(public)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 from sqlalchemy import inspect
+from sqlalchemy.ext.mutable import MutableDict, MutableList
 
 from conftest import count_sql
 from identity_middleware import ConfigError, UserCache
@@ -580,6 +581,66 @@ def test_mutable_column_values_are_copied_per_caller(world):
     user = world.request()
     user.prefs["theme"] = "light"  # in place, never flushed
     assert world.request().prefs == {"theme": "dark"}
+
+
+class MutableBase(DeclarativeBase):
+    pass
+
+
+class Club(MutableBase):
+    __tablename__ = "clubs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    settings: Mapped[dict] = mapped_column(MutableDict.as_mutable(JSON))
+    members: Mapped[list[Player]] = relationship(back_populates="club")
+
+
+class Player(MutableBase):
+    __tablename__ = "players"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prefs: Mapped[dict] = mapped_column(MutableDict.as_mutable(JSON))
+    tags: Mapped[list] = mapped_column(MutableList.as_mutable(JSON))
+    club_id: Mapped[int] = mapped_column(ForeignKey("clubs.id"))
+    club: Mapped[Club] = relationship(back_populates="members")
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["bound", "bare"])
+def test_in_place_changes_to_mutable_columns_of_a_hit_are_committed_as_on_a_loaded_row(tmp_path, attach_path, cached):
+    """sqlalchemy.ext.mutable tracks a MutableDict/MutableList from the row's load on; a hit's rows
+    are built, not loaded, and must be tracked alike, or the commit silently drops the change."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'mutable.sqlite'}")
+    MutableBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Player(id=1, prefs={"theme": "dark"}, tags=["a"], club=Club(id=1, settings={"open": True})))
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Player, relationships=("club",)) if cached else None
+    load = cache.cached(lambda user_id: db.get(Player, int(user_id))) if cached else (lambda user_id: db.get(Player, int(user_id)))
+    try:
+        for n in range(3):
+            db.remove()
+            load("1")  # a request that only reads: the next one is a hit when bound
+            db.remove()
+            player = load("1")
+            player.prefs[f"k{n}"] = n
+            player.tags.append(n)
+            assert db.is_modified(player)
+            club = player.club  # bare: a lazy load, whose autoflush flushes the player's change
+            club.settings[f"k{n}"] = n
+            assert db.is_modified(club)
+            db.commit()
+        db.remove()
+        stored = db.get(Player, 1)
+        assert stored.prefs == {"theme": "dark", "k0": 0, "k1": 1, "k2": 2}
+        assert stored.tags == ["a", 0, 1, 2]
+        assert stored.club.settings == {"open": True, "k0": 0, "k1": 1, "k2": 2}
+        if cached:
+            assert cache.stats().hits == 3  # the changes were made on hits
+    finally:
+        if binding is not None:
+            binding.remove()
+        db.remove()
+        engine.dispose()
 
 
 def test_none_passes_through_as_a_negative_entry(world):
