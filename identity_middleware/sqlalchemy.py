@@ -14,8 +14,9 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
 * **What a hit returns** is a new ORM instance built from that snapshot and added
   to the *current* session as if it had just been loaded: no SQL, the named
   relationships readable, anything else lazy-loads as usual, and it can be
-  modified and committed (in-place changes to ``sqlalchemy.ext.mutable`` values
-  included: :func:`_adopt_values`). Each caller gets its own object; when the current
+  modified and committed. Its rows fire the ``load`` event as loaded rows do
+  (:func:`_announce_loaded`: ``@reconstructor`` runs, ``sqlalchemy.ext.mutable``
+  tracks in-place changes). Each caller gets its own object; when the current
   session already holds that user (or one of its roles) the session's own object
   is used, exactly as ``session.get`` would.
 * **Invalidation is automatic and happens only after commit.** Listeners on *your*
@@ -322,8 +323,11 @@ class SQLAlchemyBinding:
         if attach is _unchecked:
             attach = self._choose_attach()
         session = self._current() if self._current is not None else None
+        built: dict[tuple, Any] = {}
         if session is None:
-            return self._build(stored, None, {})
+            user = self._build(stored, None, built)
+            _announce_loaded(map(instance_state, built.values()))
+            return user
         identity_map = session.identity_map
         if attach is not None and stored.distinct and not identity_map:
             # The common hit: the request's first use of its session. Nothing the
@@ -332,21 +336,23 @@ class SQLAlchemyBinding:
             states: list[InstanceState] = []
             user = self._build_new(stored, states)
             attach(session, states)
+            _announce_loaded(states)
             return user
         in_session = identity_map.get
         existing = in_session(stored.key)
         if existing is not None:
             return existing  # the session's view wins, as with session.get()
-        built: dict[tuple, Any] = {}
         user = self._build(stored, in_session, built)
+        states = [instance_state(obj) for obj in built.values()]
         if attach is not None:  # what Session.add ends in, minus the cascade walk
-            attach(session, [instance_state(obj) for obj in built.values()])
+            attach(session, states)
         elif self._add_cascades:
             session.add(user)  # cascades to every instance built below it
         else:
-            for obj in built.values():  # the user first: its add cascades where it can
-                if instance_state(obj).detached:
-                    session.add(obj)
+            for state in states:  # the user first: its add cascades where it can
+                if state.detached:
+                    session.add(state.obj())
+        _announce_loaded(states)
         return user
 
     def _choose_attach(self) -> Callable[[Session, Sequence[InstanceState]], None] | None:
@@ -409,15 +415,17 @@ class SQLAlchemyBinding:
         txn = None if session is None else session.info.get(self._txn_key)
         return 0 if txn is None else txn[1]
 
-    def _on_load(self, target: Any, context: Any) -> None:
-        # A new row in the identity map: every attribute came from this query.
-        instance_state(target).info[_READ] = self._transaction_number(context)
+    def _on_load(self, state: InstanceState, context: Any) -> None:
+        # A new row in the identity map: every attribute came from this query. (Raw
+        # listeners: they get the state. A hit's rows come with no query, context None,
+        # and their number stays 0, "not filled by SQL", as for any row without one.)
+        if context is not None:
+            state.info[_READ] = self._transaction_number(context)
 
-    def _on_refresh(self, target: Any, context: Any, attrs: Iterable[str] | None) -> None:
+    def _on_refresh(self, state: InstanceState, context: Any, attrs: Iterable[str] | None) -> None:
         # An existing row reloaded. It counts only if every column was reloaded and no
         # snapshotted relationship kept a value from before (a partial refresh leaves
         # the older number, which is the age of its oldest attribute).
-        state = instance_state(target)
         if attrs is not None:
             attrs = set(attrs)
             dict_ = state.dict
@@ -487,7 +495,6 @@ class SQLAlchemyBinding:
             _to_detached(state, key, unloaded)
         else:
             make_transient_to_detached(obj)
-        _adopt_values(state)
         return obj
 
     def _build_new(self, node: _Node, states: list[InstanceState]) -> Any:
@@ -512,7 +519,6 @@ class SQLAlchemyBinding:
         if unloaded is None:
             unloaded = node.unloaded = tuple(state.unloaded)
         _to_detached(state, node.key, unloaded)
-        _adopt_values(state)
         return obj
 
     def _build_child(
@@ -697,7 +703,7 @@ class SQLAlchemyBinding:
         for name, fn in self._listeners:
             event.listen(self._target, name, fn)
         for cls, name, instance_fn in self._instance_listeners:
-            event.listen(cls, name, instance_fn, propagate=True)
+            event.listen(cls, name, instance_fn, propagate=True, raw=True)
         if self._id_attribute is not None:
             # Make a set of the id attribute load the value it replaces, even when it
             # was expired: that old id must be invalidated too.
@@ -857,20 +863,21 @@ def _to_detached(state: InstanceState, key: tuple, unloaded: tuple[str, ...]) ->
         state._expire_attributes(state.dict, unloaded)  # marks them expired, fires "expire"
 
 
-def _adopt_values(state: InstanceState) -> None:
-    """Tell extensions that track column values in place about a row built from a snapshot.
+def _announce_loaded(states: Iterable[InstanceState]) -> None:
+    """Fire each built row's ``load`` event, as the query that loaded it would have.
 
-    ``sqlalchemy.ext.mutable`` learns which row a ``MutableDict`` (or list, set,
-    composite) value belongs to when the row is loaded; without that, an in-place
-    change (``user.prefs["theme"] = "dark"``) marks nothing modified and the commit
-    silently drops it. A hit's row is not loaded but built, as ``Session.merge(...,
-    load=False)`` builds one, and SQLAlchemy announces such rows with this instance
-    event, which ``ext.mutable`` listens to alongside ``load``. Nothing listens in
-    an app without mutable types, and then this costs one attribute lookup.
+    A hit's rows are built, not loaded, but code runs on load that the app
+    relies on: the ORM calls a model's ``@reconstructor`` (the documented place to
+    set up non-persistent attributes) and ``sqlalchemy.ext.mutable`` starts
+    tracking ``MutableDict``/``MutableList`` values there (without it an in-place
+    change is silently dropped at commit). The rows are in the session by now,
+    as a query's are when it fires the event. No query ran, so listeners get
+    ``None`` for its context.
     """
-    listeners = getattr(state.manager.dispatch, "_sa_event_merge_wo_load", None)
-    if listeners:
-        listeners(state, None)
+    for state in states:
+        listeners = state.manager.dispatch.load
+        if listeners:
+            listeners(state, None)
 
 
 def private_attach_problem(model: type, relationships: Sequence[str] = ()) -> str | None:

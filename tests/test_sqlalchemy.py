@@ -20,6 +20,7 @@ from sqlalchemy.orm import (
     attribute_keyed_dict,
     mapped_column,
     relationship,
+    reconstructor,
     scoped_session,
     selectinload,
     sessionmaker,
@@ -602,6 +603,10 @@ class Player(MutableBase):
     club_id: Mapped[int] = mapped_column(ForeignKey("clubs.id"))
     club: Mapped[Club] = relationship(back_populates="members")
 
+    @reconstructor
+    def _set_up_on_load(self):  # the ORM's documented hook for attributes that are not columns
+        self.greeting = f"hello {self.id}"
+
 
 @pytest.mark.parametrize("cached", [True, False], ids=["bound", "bare"])
 def test_in_place_changes_to_mutable_columns_of_a_hit_are_committed_as_on_a_loaded_row(tmp_path, attach_path, cached):
@@ -637,6 +642,44 @@ def test_in_place_changes_to_mutable_columns_of_a_hit_are_committed_as_on_a_load
         if cached:
             assert cache.stats().hits == 3  # the changes were made on hits
     finally:
+        if binding is not None:
+            binding.remove()
+        db.remove()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["bound", "bare"])
+def test_a_hit_runs_the_reconstructor_and_load_listeners_as_a_loaded_row_does(tmp_path, attach_path, cached):
+    engine = create_engine(f"sqlite:///{tmp_path / 'load.sqlite'}")
+    MutableBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Player(id=1, prefs={}, tags=[], club=Club(id=1, settings={})))
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    loaded: list[tuple[str, bool]] = []
+
+    def on_load(target, context):
+        loaded.append((type(target).__name__, target in db()))  # in the session already, as with a query
+
+    event.listen(Player, "load", on_load)
+    event.listen(Club, "load", on_load)
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Player, relationships=("club",)) if cached else None
+    get = lambda user_id: db.get(Player, int(user_id))  # noqa: E731
+    load = cache.cached(get) if cached else get
+    try:
+        for _ in range(3):
+            db.remove()
+            loaded.clear()
+            player = load("1")
+            assert player.greeting == "hello 1"
+            assert player.club.settings == {}
+            assert loaded == [("Player", True), ("Club", True)]  # each row once, whoever built it
+        if cached:
+            assert cache.stats().hits == 2
+    finally:
+        event.remove(Player, "load", on_load)
+        event.remove(Club, "load", on_load)
         if binding is not None:
             binding.remove()
         db.remove()
