@@ -215,7 +215,7 @@ def _variants(engine: sa.Engine) -> tuple[list[tuple[str, Callable[[], Any]]], C
     # within the noise of a database round trip on a shared machine).
     rule_session = factory()
     rule_user = rule_session.get(User, 1)
-    rule_rows = [rule_user, *rule_user.roles]
+    rule_rows = [instance_state(row) for row in (rule_user, *rule_user.roles)]  # its listeners are raw: states
     rule_transaction = rule_session.get_transaction()
     rule_key = binding._txn_key
 
