@@ -9,7 +9,9 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
 
 * **What is stored** is a snapshot: plain column values of the user and of the
   ``relationships`` you name (``"roles"``, or ``"roles.permissions"`` for nested
-  ones), taken once after a load. It holds no session, no connection and no ORM
+  ones), taken once after a load. Table columns only: deferred columns and SQL
+  expressions (``column_property(select(...))``, which may read tables nothing
+  watches) are left out and load on access, as current as on a loaded row. It holds no session, no connection and no ORM
   object, so it cannot go detached and is never mutated.
 * **What a hit returns** is a new ORM instance built from that snapshot and added
   to the *current* session as if it had just been loaded: no SQL, the named
@@ -112,7 +114,7 @@ import operator
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
-from sqlalchemy import event, inspect
+from sqlalchemy import Column, event, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, Session, configure_mappers, make_transient_to_detached, scoped_session, sessionmaker
@@ -543,7 +545,15 @@ class SQLAlchemyBinding:
         columns = self._columns.get(mapper)
         if columns is None:
             # Columns deferred by the mapping stay unloaded and load on access, as usual.
-            columns = tuple(p.key for p in mapper.column_attrs if not p.deferred)
+            # So do SQL expressions (column_property(select(...)), func.now(), ...): a
+            # loaded row computes them afresh, and they may read other tables, which no
+            # invalidation watches. On a hit they load on first access, current.
+            tables = set(mapper.tables)
+            columns = tuple(
+                p.key
+                for p in mapper.column_attrs
+                if not p.deferred and all(isinstance(c, Column) and c.table in tables for c in p.columns)
+            )
             self._columns[mapper] = columns
         return columns
 

@@ -12,12 +12,13 @@ import sys
 import threading
 
 import pytest
-from sqlalchemy import JSON, Column, ForeignKey, String, Table, create_engine, delete, event, insert, select, text, update
+from sqlalchemy import JSON, Column, ForeignKey, String, Table, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
     attribute_keyed_dict,
+    column_property,
     mapped_column,
     relationship,
     reconstructor,
@@ -680,6 +681,57 @@ def test_a_hit_runs_the_reconstructor_and_load_listeners_as_a_loaded_row_does(tm
     finally:
         event.remove(Player, "load", on_load)
         event.remove(Club, "load", on_load)
+        if binding is not None:
+            binding.remove()
+        db.remove()
+        engine.dispose()
+
+
+class Author(MutableBase):
+    __tablename__ = "authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    shout = column_property(func.upper(name))
+
+
+class Post(MutableBase):
+    __tablename__ = "posts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    author_id: Mapped[int] = mapped_column(ForeignKey("authors.id"))
+
+
+Author.posts = column_property(select(func.count(Post.id)).where(Post.author_id == Author.id).scalar_subquery())
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["bound", "bare"])
+def test_sql_expression_properties_of_a_hit_are_computed_afresh_as_on_a_loaded_row(tmp_path, attach_path, cached):
+    """A column_property over another table (here: a count of rows no invalidation watches) is
+    current on every load; a hit must not serve the value of an older request."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'expressions.sqlite'}")
+    MutableBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Author(id=1, name="ada"))
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, Author) if cached else None
+    get = lambda user_id: db.get(Author, int(user_id))  # noqa: E731
+    load = cache.cached(get) if cached else get
+    try:
+        for n in range(3):
+            db.remove()
+            author = load("1")
+            assert (author.posts, author.shout) == (n, "ADA")
+            db.add(Post(author_id=1))
+            db.commit()
+        if cached:
+            assert cache.stats().hits == 2
+            db.remove()
+            author = load("1")
+            with count_sql(engine) as statements:
+                assert author.name == "ada"  # a table column: from the snapshot
+            assert statements == []
+    finally:
         if binding is not None:
             binding.remove()
         db.remove()
