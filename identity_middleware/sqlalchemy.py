@@ -11,8 +11,9 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   ``relationships`` you name (``"roles"``, or ``"roles.permissions"`` for nested
   ones), taken once after a load. Table columns only: deferred columns and SQL
   expressions (``column_property(select(...))``, which may read tables nothing
-  watches) are left out and load on access, as current as on a loaded row. It holds no session, no connection and no ORM
-  object, so it cannot go detached and is never mutated.
+  watches) are left out and load on access, as current as on a loaded row. It
+  holds no session, no connection and no ORM object, so it cannot go detached
+  and is never mutated.
 * **What a hit returns** is a new ORM instance built from that snapshot and added
   to the *current* session as if it had just been loaded: no SQL, the named
   relationships readable, anything else lazy-loads as usual, and it can be
