@@ -118,6 +118,12 @@ _SETTING_NAMES = (
 #: The settings that only matter when the cache builds its own version store.
 _STORE_SETTINGS = ("IDENTITY_VERSION_STORE", "IDENTITY_VERSION_PREFIX")
 
+#: Longest key (in characters) that is stored. Keys can be chosen by clients (a
+#: ``request_loader``'s API token, an id from a signed cookie of any length); with this
+#: cap, ``maxsize`` bounds the keys' memory in bytes too (about 10 MB at the default
+#: 10,000 entries). A longer key is loaded every time, never stored.
+MAX_KEY_CHARS = 1024
+
 #: Attribute set on every loader wrapped by :meth:`UserCache.cached`; its value is the cache.
 _MARK = "_identity_user_cache"
 
@@ -696,6 +702,8 @@ class UserCache:
     # -- bookkeeping (caller holds self._lock) ------------------------------------------------
 
     def _store(self, key: str, stored: Any, stamp: Hashable, started: float, now: float) -> None:
+        if len(key) > MAX_KEY_CHARS:
+            return  # a client-chosen giant key: loaded every time rather than held
         if stored is None:
             if self._negative_ttl == 0:
                 return

@@ -174,6 +174,38 @@ def test_twenty_thousand_ids_stay_within_maxsize(clock):
     assert cache.get(19_999, lambda user_id: pytest.fail("newest id was evicted")) == {"id": 19_999}
 
 
+def test_client_chosen_giant_keys_are_loaded_every_time_and_never_held(clock):
+    """A request_loader keyed by an API token: each key an attacker invents would otherwise sit in
+    memory (as a negative entry) at whatever length the client sent."""
+    import tracemalloc
+
+    from identity_middleware.cache import MAX_KEY_CHARS
+
+    cache = UserCache(maxsize=100, timer=clock)
+    calls: list[int] = []
+
+    def loader(token):
+        calls.append(len(token))  # not the token: this list must not hold the keys either
+        return None  # an unknown token
+
+    for _ in range(2):
+        assert cache.get("t" * MAX_KEY_CHARS, loader) is None
+    assert calls == [MAX_KEY_CHARS]  # at the limit: cached (negative)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            giant = f"{n:08}" + "x" * MAX_KEY_CHARS
+            assert cache.get(giant, loader) is None
+            assert cache.get(giant, loader) is None
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(calls) == 1 + 400  # each giant key loaded every time
+    assert len(cache) == 1
+    assert held < 100_000  # not 200 x 1 KB keys
+
+
 def test_least_recently_used_goes_first(clock):
     cache = UserCache(maxsize=3, timer=clock)
     users = Users({k: k for k in "abcd"})
