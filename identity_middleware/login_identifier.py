@@ -45,6 +45,7 @@ IDENTIFIER_MEMO_MAX_CHARS = 2048
 #: What an entry costs besides its strings (the key tuple and the dict slot).
 _IDENTIFIER_ENTRY_OVERHEAD = 300
 
+
 class _Absent:
     """The type of :data:`_ABSENT`."""
 
