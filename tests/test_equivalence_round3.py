@@ -72,11 +72,13 @@ def _a_member_of_a_shared_role_is_renamed(db):
 
 
 def _someone_joins_a_shared_role_through_the_role(db):
-    db.get(TreeRole, 2).users.append(db.get(TreeUser, 4))
+    role, user = db.get(TreeRole, 2), db.get(TreeUser, 4)  # held: the session keeps rows weakly
+    role.users.append(user)
 
 
 def _someone_joins_a_shared_role_through_the_user(db):
-    db.get(TreeUser, 4).roles.append(db.get(TreeRole, 2))
+    user, role = db.get(TreeUser, 4), db.get(TreeRole, 2)
+    user.roles.append(role)
 
 
 def _the_manager_is_deleted(db):
