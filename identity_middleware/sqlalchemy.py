@@ -236,6 +236,7 @@ class SQLAlchemyBinding:
         "_txn_key",
         "_removed",
         "_attach",
+        "_users_in_tree",
         "__weakref__",
     )
 
@@ -282,6 +283,12 @@ class SQLAlchemyBinding:
         self._txn_key = object()  # session.info key: (root SessionTransaction, its number)
         self._tree_names = frozenset(_names_in(tree))
         snapshotted = dict.fromkeys((user_model, *_targets_of(mapper, tree)))
+        # Whether a snapshot can hold rows of other users (a manager, "roles.users"):
+        # then a change to any user row, or to a related row's collections, may be in
+        # other users' entries, which only invalidating everyone reaches.
+        self._users_in_tree = any(
+            issubclass(target, user_model) or issubclass(user_model, target) for target in _targets_of(mapper, tree)
+        )
         self._instance_listeners = tuple(
             (cls, name, fn) for cls in snapshotted for name, fn in (("load", self._on_load), ("refresh", self._on_refresh))
         )
@@ -594,7 +601,9 @@ class SQLAlchemyBinding:
         try:
             if isinstance(obj, self.user_model):
                 pending.ids.update(self._ids_of(state))
-            elif inserted_or_deleted:
+                if self._users_in_tree:
+                    pending.everything = True  # other users' snapshots may hold this row
+            elif inserted_or_deleted or self._users_in_tree:
                 pending.everything = True
             else:
                 self._related_changed(obj, state, pending)
@@ -779,7 +788,10 @@ def bind_sqlalchemy(
     them; the targets of ``relationships`` are always watched. A change that only
     moves users in and out of a related row's user collection invalidates exactly
     those users; any other change to a related row, and every ORM bulk
-    ``update()``/``delete()``/``insert()`` on a watched model, invalidates all.
+    ``update()``/``delete()``/``insert()`` on a watched model, invalidates all. When
+    ``relationships`` reach other users (a ``manager``, ``"roles.users"``), any user
+    may appear in another user's entry, so every committed change to a user row or to
+    a related row invalidates all.
 
     Cache keys are the ids Flask-Login passes to the loader; by default the user's
     primary key as a string. If your ``get_id()`` returns something else, pass the
