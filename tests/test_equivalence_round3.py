@@ -142,3 +142,296 @@ def test_a_committed_change_to_another_user_in_the_snapshot_is_seen_by_the_next_
         binding.remove()
         db.remove()
         engine.dispose()
+
+
+# -- Flask: the whole stack, bare and wrapped, driven by the same browser -------------------
+
+import datetime  # noqa: E402
+import uuid  # noqa: E402
+
+from flask import Flask, g, jsonify, request, session  # noqa: E402
+from flask.ctx import _AppCtxGlobals  # noqa: E402
+from flask.sessions import SecureCookieSessionInterface  # noqa: E402
+from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user  # noqa: E402
+from flask_login.signals import session_protected, user_loaded_from_cookie  # noqa: E402
+from flask_principal import Identity, Principal, RoleNeed, identity_changed, identity_loaded  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from markupsafe import Markup  # noqa: E402
+from werkzeug.middleware.proxy_fix import ProxyFix  # noqa: E402
+
+from identity_middleware import IdentityMiddleware  # noqa: E402
+
+ROLES = {"1": ["admin"], "2": ["editor", "admin"]}
+
+
+class StackUser(UserMixin):
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+class OptionalGlobals(_AppCtxGlobals):
+    """An app's own g class: unknown ``opt_*`` attributes read as None (its __getattr__ only)."""
+
+    def __getattr__(self, name):
+        if name.startswith("opt_"):
+            return None
+        return super().__getattr__(name)
+
+
+#: Session values of every type Flask's tagged JSON round-trips, and look-alikes of each other.
+VALUES = {
+    "one": lambda: 1,
+    "true": lambda: True,
+    "float_one": lambda: 1.0,
+    "zero": lambda: 0.0,
+    "minus_zero": lambda: -0.0,
+    "text": lambda: "a",
+    "markup": lambda: Markup("a"),
+    "tuple": lambda: (1, "a"),
+    "list": lambda: [1, "a"],
+    "bytes": lambda: b"a",
+    "none": lambda: None,
+    "big": lambda: 2**70,
+    "when": lambda: datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+    "uuid": lambda: uuid.UUID(int=7),
+    "nested": lambda: {"x": {"y": [1, {"z": None}]}},
+    "nested_true": lambda: {"x": {"y": [True, {"z": None}]}},
+    "nested_float": lambda: {"x": {"y": [1.0, {"z": None}]}},
+}
+
+
+def _typed(value):
+    if isinstance(value, dict):
+        return ("dict", [(k, _typed(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return (type(value).__name__, repr(value))
+
+
+def build_stack(*, wrapped: bool, protection: str, proxy_fix: bool, cookie_name: str) -> Flask:
+    app = Flask(f"stack_{uuid.uuid4().hex[:8]}")
+    app.config.update(SECRET_KEY="stack-secret", SESSION_PROTECTION=protection, SESSION_COOKIE_NAME=cookie_name)
+    app.session_interface = SecureCookieSessionInterface()  # its own, not Flask's shared one
+    app.app_ctx_globals_class = OptionalGlobals
+    events: list = []
+    app.extensions["events"] = events
+    manager = LoginManager(app)
+    manager.user_loader(lambda user_id: StackUser(user_id) if user_id in ROLES else None)
+    Principal(app)
+
+    @identity_loaded.connect_via(app)
+    def on_identity_loaded(sender, identity):
+        identity.user = current_user
+        events.append(("identity_loaded", identity.id))
+        if current_user.is_authenticated:
+            for role in ROLES[current_user.id]:
+                identity.provides.add(RoleNeed(role))
+
+    def protected(sender):
+        events.append(("session_protected", dict(session)))
+
+    def from_cookie(sender, user):
+        events.append(("user_loaded_from_cookie", user.id))
+
+    session_protected.connect(protected, app)
+    user_loaded_from_cookie.connect(from_cookie, app)
+    app.extensions["receivers"] = [on_identity_loaded, protected, from_cookie]  # blinker holds them weakly
+
+    @app.post("/login/<user_id>")
+    def login(user_id):
+        login_user(StackUser(user_id), remember=request.args.get("remember") == "1")
+        identity_changed.send(app, identity=Identity(user_id))
+        return "ok"
+
+    @app.post("/logout")
+    def logout():
+        logout_user()
+        return "ok"
+
+    @app.post("/set/<key>/<kind>")
+    def set_value(key, kind):
+        session[key] = VALUES[kind]()
+        return "ok"
+
+    @app.post("/pop/<key>")
+    def pop(key):
+        session.pop(key, None)
+        return "ok"
+
+    @app.post("/readd/<key>")
+    def readd(key):
+        if key in session:
+            session[key] = session.pop(key)
+        return "ok"
+
+    @app.post("/touch")
+    def touch():  # modified, same contents
+        session.modified = True
+        return "ok"
+
+    @app.post("/permanent/<flag>")
+    def permanent(flag):
+        session.permanent = flag == "1"
+        return "ok"
+
+    @app.get("/page")
+    def page():
+        return "page"
+
+    @app.after_request
+    def observe(response):
+        current = session._get_current_object()
+        identity = g.get("identity")
+        response.headers["X-Seen"] = repr(
+            (
+                [(k, _typed(v)) for k, v in current.items()],
+                current.modified,
+                current.permanent,
+                current.new,
+                current_user.get_id(),
+                "identity" in g,
+                None if identity is None else (identity.id, identity.auth_type, sorted(map(repr, identity.provides))),
+                "_login_user" in g,
+                g.get("opt_missing", "default"),
+                g.opt_missing,
+                request.remote_addr,
+                sorted(request.cookies.items(multi=True)),
+            )
+        )
+        return response
+
+    wsgi = IdentityMiddleware(app.wsgi_app) if wrapped else app.wsgi_app
+    app.wsgi_app = ProxyFix(wsgi, x_for=1) if proxy_fix else wsgi  # type: ignore[method-assign]
+    return app
+
+
+def _split_set_cookie(header: str) -> tuple[str, str, tuple[str, ...]]:
+    first, *attributes = [part.strip() for part in header.split(";")]
+    name, _, value = first.partition("=")
+    kept = tuple(sorted(a for a in attributes if not a.lower().startswith("expires=")))
+    has_expires = any(a.lower().startswith("expires=") for a in attributes)
+    return name, value.strip('"'), (*kept, f"expires:{has_expires}")
+
+
+def _payload(app, value: str):
+    if not value:
+        return None
+    with app.app_context():
+        data = app.session_interface.get_signing_serializer(app).loads(value)
+    return _typed(data)
+
+
+AGENTS = st.sampled_from([None, "", "Agent/1", "Agent/2", "Mozilla/5.0 caf\xc3\xa9 \u00e9", "a|b"])
+FORWARDED = st.sampled_from([None, "", "203.0.113.9", "203.0.113.9, 10.0.0.1", " 198.51.100.2 ,x", ","])
+ADDRESSES = st.sampled_from(["127.0.0.1", "192.0.2.1", "::1"])
+EXTRA_COOKIES = st.lists(
+    st.sampled_from(["theme=dark", "theme=light", 'quoted="a b"', "empty=", "=novalue", "junk", "Session=upper"]),
+    max_size=3,
+)
+KEYS = st.sampled_from(["k", "m", "_fresh", "_id"])
+ACTIONS = st.one_of(
+    st.tuples(st.just("POST"), st.sampled_from(["/login/1", "/login/2", "/login/1?remember=1", "/logout", "/touch"])),
+    st.tuples(st.just("POST"), st.builds("/set/{}/{}".format, KEYS, st.sampled_from(sorted(VALUES)))),
+    st.tuples(st.just("POST"), st.builds("/pop/{}".format, KEYS)),
+    st.tuples(st.just("POST"), st.builds("/readd/{}".format, KEYS)),
+    st.tuples(st.just("POST"), st.sampled_from(["/permanent/1", "/permanent/0"])),
+    st.tuples(st.just("GET"), st.just("/page")),
+)
+
+
+def _stack(protection, proxy_fix: bool, refresh_each_request: bool) -> dict[bool, Flask]:
+    apps = {}
+    for wrapped in (True, False):
+        app = build_stack(wrapped=wrapped, protection=protection, proxy_fix=proxy_fix, cookie_name="sid")
+        app.config["SESSION_REFRESH_EACH_REQUEST"] = refresh_each_request
+        apps[wrapped] = app
+    return apps
+
+
+def _step(apps, jars, method, path, agent="Agent/1", forwarded=None, address="192.0.2.1", extra=(), duplicate=False):
+    """One request from the same browser to both apps; asserts they observed the same."""
+    seen = {}
+    for wrapped, app in apps.items():
+        jar = jars[wrapped]
+        pieces = [*extra, *(f"{name}={value}" for name, value in jar.items())]
+        if duplicate and "sid" in jar:
+            pieces.append("sid=forged")  # werkzeug takes the first: the real one
+        headers = {"Cookie": "; ".join(pieces)} if pieces else {}
+        if agent is not None:
+            headers["User-Agent"] = agent
+        if forwarded is not None:
+            headers["X-Forwarded-For"] = forwarded
+        before = dict(jar)
+        response = app.test_client(use_cookies=False).open(
+            path, method=method, headers=headers, environ_overrides={"REMOTE_ADDR": address}
+        )
+        cookies = {}
+        for header in response.headers.getlist("Set-Cookie"):
+            name, value, attributes = _split_set_cookie(header)
+            cookies[name] = (value, attributes)
+            if not value or "Max-Age=0" in header:
+                jar.pop(name, None)
+            else:
+                jar[name] = value
+        events = list(app.extensions["events"])
+        app.extensions["events"].clear()
+        seen[wrapped] = (response, before, cookies, events)
+    ours, bare = seen[True], seen[False]
+    where = (method, path, agent, forwarded, address, extra)
+    assert ours[0].status_code == bare[0].status_code, where
+    assert ours[0].data == bare[0].data, where
+    strip = ("Set-Cookie", "X-Seen")
+    assert [h for h in ours[0].headers if h[0] not in strip] == [h for h in bare[0].headers if h[0] not in strip]
+    assert ours[0].headers["X-Seen"] == bare[0].headers["X-Seen"], where
+    assert ours[3] == bare[3], where  # signals, with what the session held
+    # Cookies: every one the bare app set is set alike, except a session write that
+    # merely restates the cookie the browser already has (DESIGN 5.0).
+    assert set(ours[2]) <= set(bare[2]), where
+    for name, (value, attributes) in bare[2].items():
+        if name != "sid":
+            assert ours[2].get(name, (None, None))[1] == attributes, where
+            assert ours[2][name][0] == value, where
+        elif name in ours[2]:
+            assert ours[2][name][1] == attributes, where
+            assert _payload(apps[True], ours[2][name][0]) == _payload(apps[False], value), where
+        else:
+            assert _payload(apps[True], ours[1].get("sid", "")) == _payload(apps[False], value), where
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    protection=st.sampled_from(["basic", "strong", None]),
+    proxy_fix=st.booleans(),
+    refresh_each_request=st.booleans(),
+    steps=st.lists(
+        st.tuples(ACTIONS, AGENTS, FORWARDED, ADDRESSES, EXTRA_COOKIES, st.booleans(), st.integers(0, 2)),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_the_whole_stack_observes_the_same_through_any_browser(protection, proxy_fix, refresh_each_request, steps):
+    """Login, Principal, session protection, ProxyFix, an own g class, odd Cookie headers
+    (other cookies around, the session cookie twice, a header sent again unchanged): what
+    the app sees, the signals fired, and every cookie the browser ends up holding."""
+    apps = _stack(protection, proxy_fix, refresh_each_request)
+    jars: dict[bool, dict[str, str]] = {True: {}, False: {}}
+    for (method, path), agent, forwarded, address, extra, duplicate, repeat in steps:
+        for _ in range(1 + repeat):  # the same Cookie header again: the header cache answers
+            _step(apps, jars, method, path, agent, forwarded, address, extra, duplicate)
+    assert _payload(apps[True], jars[True].get("sid", "")) == _payload(apps[False], jars[False].get("sid", ""))
+
+
+#: Ordered pairs of session values equal in Python but not in the cookie.
+LOOKALIKES = [
+    (a, b) for a in sorted(VALUES) for b in sorted(VALUES) if a != b and VALUES[a]() == VALUES[b]()
+]
+
+
+@pytest.mark.parametrize("old, new", LOOKALIKES)
+def test_a_lookalike_value_reaches_the_browser_as_in_the_bare_app(old, new):
+    apps = _stack("basic", False, False)
+    jars: dict[bool, dict[str, str]] = {True: {}, False: {}}
+    for method, path in [("POST", "/login/1"), ("GET", "/page"), ("POST", f"/set/k/{old}"), ("GET", "/page"),
+                         ("POST", f"/set/k/{new}"), ("GET", "/page"), ("POST", "/touch"), ("GET", "/page")]:  # fmt: skip
+        _step(apps, jars, method, path)
