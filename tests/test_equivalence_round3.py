@@ -147,11 +147,12 @@ def test_a_committed_change_to_another_user_in_the_snapshot_is_seen_by_the_next_
 # -- Flask: the whole stack, bare and wrapped, driven by the same browser -------------------
 
 import datetime  # noqa: E402
+from collections.abc import MutableMapping  # noqa: E402
 import uuid  # noqa: E402
 
 from flask import Flask, g, jsonify, request, session  # noqa: E402
 from flask.ctx import _AppCtxGlobals  # noqa: E402
-from flask.sessions import SecureCookieSessionInterface  # noqa: E402
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin  # noqa: E402
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user  # noqa: E402
 from flask_login.signals import session_protected, user_loaded_from_cookie  # noqa: E402
 from flask_principal import Identity, Principal, RoleNeed, identity_changed, identity_loaded  # noqa: E402
@@ -209,10 +210,12 @@ def _typed(value):
     return (type(value).__name__, repr(value))
 
 
-def build_stack(*, wrapped: bool, protection: str, proxy_fix: bool, cookie_name: str) -> Flask:
+def build_stack(*, wrapped: bool, protection: str, proxy_fix: bool, cookie_name: str, session_class=None) -> Flask:
     app = Flask(f"stack_{uuid.uuid4().hex[:8]}")
     app.config.update(SECRET_KEY="stack-secret", SESSION_PROTECTION=protection, SESSION_COOKIE_NAME=cookie_name)
     app.session_interface = SecureCookieSessionInterface()  # its own, not Flask's shared one
+    if session_class is not None:
+        app.session_interface.session_class = session_class
     app.app_ctx_globals_class = OptionalGlobals
     events: list = []
     app.extensions["events"] = events
@@ -340,10 +343,12 @@ ACTIONS = st.one_of(
 )
 
 
-def _stack(protection, proxy_fix: bool, refresh_each_request: bool) -> dict[bool, Flask]:
+def _stack(protection, proxy_fix: bool, refresh_each_request: bool, session_class=None) -> dict[bool, Flask]:
     apps = {}
     for wrapped in (True, False):
-        app = build_stack(wrapped=wrapped, protection=protection, proxy_fix=proxy_fix, cookie_name="sid")
+        app = build_stack(
+            wrapped=wrapped, protection=protection, proxy_fix=proxy_fix, cookie_name="sid", session_class=session_class
+        )
         app.config["SESSION_REFRESH_EACH_REQUEST"] = refresh_each_request
         apps[wrapped] = app
     return apps
@@ -435,3 +440,45 @@ def test_a_lookalike_value_reaches_the_browser_as_in_the_bare_app(old, new):
     for method, path in [("POST", "/login/1"), ("GET", "/page"), ("POST", f"/set/k/{old}"), ("GET", "/page"),
                          ("POST", f"/set/k/{new}"), ("GET", "/page"), ("POST", "/touch"), ("GET", "/page")]:  # fmt: skip
         _step(apps, jars, method, path)
+
+
+class KeptSession(SessionMixin):
+    """A session class of an app's own design that keeps the dict it is given."""
+
+    def __init__(self, initial=None):
+        self.data = initial if initial is not None else {}
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+
+    def __delitem__(self, key):
+        del self.data[key]
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self):
+        return len(self.data)
+
+
+class MigratingSession(SecureCookieSession):
+    """Flask's session class, renaming a legacy key in the data it is given."""
+
+    def __init__(self, initial=None):
+        if initial and "legacy" in initial:
+            initial["k"] = initial.pop("legacy")
+        super().__init__(initial)
+
+
+@pytest.mark.parametrize("session_class", [KeptSession, MigratingSession])
+def test_a_session_class_that_keeps_or_changes_the_data_it_is_given_gets_every_write(session_class):
+    apps = _stack("basic", False, False, session_class)
+    jars: dict[bool, dict[str, str]] = {True: {}, False: {}}
+    for method, path in [("POST", "/login/1"), ("GET", "/page"), ("POST", "/set/legacy/one"), ("GET", "/page"),
+                         ("GET", "/page"), ("POST", "/set/k/text"), ("GET", "/page"), ("POST", "/set/k/true"),
+                         ("GET", "/page"), ("POST", "/pop/k"), ("GET", "/page")]:  # fmt: skip
+        _step(apps, jars, method, path)
+    assert _payload(apps[True], jars[True]["sid"]) == _payload(apps[False], jars[False]["sid"])
