@@ -146,6 +146,7 @@ def test_a_committed_change_to_another_user_in_the_snapshot_is_seen_by_the_next_
 
 # -- Flask: the whole stack, bare and wrapped, driven by the same browser -------------------
 
+import ast  # noqa: E402
 import datetime  # noqa: E402
 from collections.abc import MutableMapping  # noqa: E402
 import uuid  # noqa: E402
@@ -482,3 +483,30 @@ def test_a_session_class_that_keeps_or_changes_the_data_it_is_given_gets_every_w
                          ("GET", "/page"), ("POST", "/pop/k"), ("GET", "/page")]:  # fmt: skip
         _step(apps, jars, method, path)
     assert _payload(apps[True], jars[True]["sid"]) == _payload(apps[False], jars[False]["sid"])
+
+
+def test_the_header_cache_follows_the_cookie_name_and_the_key_as_they_change_at_runtime():
+    """One raw Cookie header carrying two apps' sessions, sent again and again while the
+    app changes its cookie name and rotates its key: the session found is Flask's."""
+    apps = _stack("basic", False, False)
+    cookies = {}
+    for user_id, name in (("1", "sid"), ("2", "other")):
+        client = apps[False].test_client()
+        client.post(f"/login/{user_id}", headers={"User-Agent": "Agent/1"}, environ_overrides={"REMOTE_ADDR": "192.0.2.1"})
+        cookies[name] = client.get_cookie("sid").value
+    header = {"Cookie": f"sid={cookies['sid']}; other={cookies['other']}", "User-Agent": "Agent/1"}
+    steps = [("SESSION_COOKIE_NAME", "sid", "1"), ("SESSION_COOKIE_NAME", "other", "2"),
+             ("SESSION_COOKIE_NAME", "sid", "1"), ("SECRET_KEY", "rotated", None),
+             ("SECRET_KEY_FALLBACKS", ["stack-secret"], "1"), ("SESSION_COOKIE_NAME", "other", "2"),
+             ("SECRET_KEY_FALLBACKS", [], None), ("SECRET_KEY", "stack-secret", "2")]  # fmt: skip
+    for setting, value, user in steps:
+        seen = []
+        for app in (apps[True], apps[False]):
+            app.config[setting] = value
+            for _ in range(2):  # the second time from the header cache
+                response = app.test_client(use_cookies=False).get(
+                    "/page", headers=header, environ_overrides={"REMOTE_ADDR": "192.0.2.1"}
+                )
+                seen.append(response.headers["X-Seen"])
+        assert seen[0] == seen[1] == seen[2] == seen[3], (setting, value)
+        assert ast.literal_eval(seen[0])[4] == user, (setting, value)
