@@ -715,3 +715,61 @@ def test_a_model_with_inheritance_composites_mutables_validators_and_versions_be
     for step, (mine, theirs) in enumerate(zip(ours[0], bare[0], strict=True)):
         assert mine == theirs, step
     assert ours[1] == bare[1]  # the rows every commit left
+
+
+# -- SQLAlchemy: a hit inside a transaction that already changed what the entry holds ---------
+
+from sqlalchemy import update  # noqa: E402
+
+
+def _bulk_rename_the_user(db):
+    db.execute(update(TreeUser).where(TreeUser.id == 1).values(email="renamed@x"))
+
+
+def _bulk_rename_a_role(db):
+    db.execute(update(TreeRole).where(TreeRole.id == 2).values(name="renamed"))
+
+
+def _flush_the_user_out_of_its_role(db):
+    role, user = db.get(TreeRole, 2), db.get(TreeUser, 1)
+    role.users.remove(user)
+    db.flush()
+    db.expunge_all()  # nothing of it held any more: only the transaction knows
+
+
+@pytest.mark.parametrize(
+    "change", [_bulk_rename_the_user, _bulk_rename_a_role, _flush_the_user_out_of_its_role]
+)
+def test_a_hit_in_a_transaction_that_changed_its_rows_shows_that_transactions_view(tmp_path, change):
+    """The view first touches current_user after its own uncommitted write: the bare
+    loader reads the write through the session; a hit must not answer from before it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'txn.sqlite'}")
+    TreeBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        staff = TreeRole(id=2, name="staff")
+        s.add_all([TreeUser(id=1, email="alice@x", roles=[staff]), TreeUser(id=2, email="bob@x", roles=[staff])])
+        s.commit()
+    db = scoped_session(sessionmaker(engine))
+    cache = UserCache(ttl=300)
+    binding = bind_sqlalchemy(cache, db, TreeUser, relationships=("roles",))
+
+    def load(user_id):
+        return db.get(TreeUser, int(user_id))
+
+    views = []
+    try:
+        for cached in (True, False):
+            db.remove()
+            _tree_view(cache.get(1, load))  # warm
+            db.remove()
+            change(db)
+            user = cache.get(1, load) if cached else load(1)
+            views.append((user.email, [(role.name, [m.email for m in role.users]) for role in user.roles]))
+            db.rollback()
+        assert views[0] == views[1]
+        db.remove()
+        assert _tree_view(cache.get(1, load)) == _tree_view(load(1))  # rolled back: the entry again
+    finally:
+        binding.remove()
+        db.remove()
+        engine.dispose()
