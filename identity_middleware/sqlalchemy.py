@@ -21,7 +21,9 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   (:func:`_announce_loaded`: ``@reconstructor`` runs, ``sqlalchemy.ext.mutable``
   tracks in-place changes). Each caller gets its own object; when the current
   session already holds that user (or one of its roles) the session's own object
-  is used, exactly as ``session.get`` would.
+  is used, exactly as ``session.get`` would; when the session's transaction has
+  written watched rows and not committed yet, its view may differ from the entry,
+  so the loader runs instead (unstored).
 * **Invalidation is automatic and happens only after commit.** Listeners on *your*
   session factory (not on every ``Session`` in the process) collect the users
   touched by a flush -- inserts, updates, deletes, changes to their relationship
@@ -123,6 +125,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committ
 from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
 
+from .cache import LOAD_AGAIN
 from .config import ConfigError
 from .versions import key_label
 
@@ -334,6 +337,11 @@ class SQLAlchemyBinding:
             attach = self._choose_attach()
         session = self._current() if self._current is not None else None
         built: dict[tuple, Any] = {}
+        if session is not None and session.info.get(self):  # a _Pending is falsy when empty
+            # This session's transaction wrote watched rows and has not committed: its
+            # view may differ from the entry (a bulk UPDATE, a flushed change it no longer
+            # holds). The loader reads that view, as in the bare app.
+            return LOAD_AGAIN
         if session is None:
             user = self._build(stored, None, built)
             _announce_loaded(map(instance_state, built.values()))
