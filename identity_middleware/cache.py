@@ -69,9 +69,14 @@ if TYPE_CHECKING:
     from flask.ctx import AppContext
     from flask_login import LoginManager
 
-__all__ = ["UserCache", "CacheStats", "CacheAdapter"]
+__all__ = ["UserCache", "CacheStats", "CacheAdapter", "LOAD_AGAIN"]
 
 log = logging.getLogger(__name__)
+
+#: What an adapter's ``from_cache`` returns when this caller's view differs from the
+#: entry (its own uncommitted transaction changed what the entry holds): the caller
+#: runs the loader itself, and nothing is stored.
+LOAD_AGAIN: Any = type("LoadAgain", (), {"__repr__": lambda self: "LOAD_AGAIN", "__slots__": ()})()
 
 
 class _ContextLookup(Protocol):
@@ -175,6 +180,10 @@ class CacheAdapter(Protocol):
       with callers waiting for it (they load again).
 
     An adapter without them is trusted to have read current data.
+
+    ``from_cache`` may return :data:`LOAD_AGAIN` for a caller whose own view of the
+    data differs from the entry (the SQLAlchemy helper: the caller's transaction
+    wrote what the entry holds); that caller then runs the loader, unstored.
     """
 
     def to_cache(self, value: Any) -> Any: ...
@@ -547,9 +556,12 @@ class UserCache:
             else:
                 adapter = self.adapter
                 value = stored if adapter is None else adapter.from_cache(stored)
-                if on_hit is not None:
-                    on_hit(value)
-                outcome = "hit"
+                if value is LOAD_AGAIN:
+                    value, outcome = self._bypass(user_id, loader), "bypass"
+                else:
+                    if on_hit is not None:
+                        on_hit(value)
+                    outcome = "hit"
         else:
             value, outcome = self._load(key, user_id, loader, on_hit)
         if in_request:
@@ -611,13 +623,19 @@ class UserCache:
                         leader = False
                 counted = True
             if entry is not None:
-                return self._hand_out(entry[0], on_hit), outcome
+                value = self._hand_out(entry[0], on_hit)
+                if value is LOAD_AGAIN:
+                    return self._bypass(user_id, loader), "bypass"
+                return value, outcome
             assert flight is not None  # entry is None, so the block above set (or joined) one
             if leader:
                 return self._run(key, user_id, loader, flight, now), "miss"
             flight.done.wait()
             if not flight.failed:
-                return self._hand_out(flight.stored, on_hit), "miss"
+                value = self._hand_out(flight.stored, on_hit)
+                if value is LOAD_AGAIN:
+                    return self._bypass(user_id, loader), "bypass"
+                return value, "miss"
             # The load failed and its caller got the exception, or the adapter found it
             # older than its stamp. Loop: the first waiter back under the lock starts
             # the next load, the others wait for that one.
@@ -675,7 +693,8 @@ class UserCache:
             flight.done.set()  # whatever happened, nobody waits forever
         if stored is None or adapter is None:
             return stored
-        return adapter.from_cache(stored)
+        handed = adapter.from_cache(stored)
+        return value if handed is LOAD_AGAIN else handed  # its own load is this caller's view
 
     def _bypass(self, user_id: Any, loader: Callable[[Any], Any]) -> Any:
         """``ttl=0``: the loader runs every time; only the stats remember."""
@@ -695,7 +714,7 @@ class UserCache:
             return None
         adapter = self.adapter
         value = stored if adapter is None else adapter.from_cache(stored)
-        if on_hit is not None:
+        if on_hit is not None and value is not LOAD_AGAIN:
             on_hit(value)
         return value
 

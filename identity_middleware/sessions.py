@@ -46,7 +46,8 @@ which does the same job with less work:
   lifetime on every use, exactly as the signer checks it; a change of
   ``SECRET_KEY``, ``SECRET_KEY_FALLBACKS``, salt, digest, key derivation or
   serializer empties the cache. Every request gets a new session object whose
-  nested dicts and lists are its own. Data holding types other than those
+  nested dicts and lists are its own (and a session class of the app's own is
+  given a dict of its own: it may keep or change it). Data holding types other than those
   Flask's tagged JSON produces (an app's own serializer tags) is neither
   cached nor spared a write: Flask handles it as usual.
 
@@ -80,7 +81,7 @@ from weakref import ref
 
 from cachetools import LRUCache
 from flask.json.tag import TaggedJSONSerializer
-from flask.sessions import SecureCookieSessionInterface, SessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionInterface
 from itsdangerous import BadSignature
 from markupsafe import Markup
 from werkzeug.datastructures import EnvironHeaders
@@ -115,6 +116,10 @@ MAX_HEADER_CHARS = 8192
 
 #: werkzeug's own ``Request.cookies``, which a cached Cookie header answers for.
 _WERKZEUG_COOKIES = vars(_SansIORequest)["cookies"]
+
+#: Flask's own session constructor: it copies the dict it is given (``dict.__init__``)
+#: and never keeps or changes it, so a decode's top-level dict may be handed to it.
+_FLASK_SESSION_INIT = SecureCookieSession.__init__
 
 #: Default byte budget of one app's decode cache.
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
@@ -539,7 +544,11 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
 
     def _session(self, inner: Any, decoded: _Decoded) -> SessionMixin:
         data = decoded.data
-        session = inner.session_class(data if decoded.flat else _copy(data))
+        session_class = inner.session_class
+        if decoded.flat and session_class.__init__ is _FLASK_SESSION_INIT:
+            session = session_class(data)  # copied by the constructor: the cache's dict stays untouched
+        else:  # nested values, or an app's own constructor, which may keep or change what it is given
+            session = session_class(_copy(data))
         key = id(session)
         loaded = self._loaded
 

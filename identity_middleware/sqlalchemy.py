@@ -21,7 +21,9 @@ change. :func:`bind_sqlalchemy` fixes all three for a :class:`UserCache`:
   (:func:`_announce_loaded`: ``@reconstructor`` runs, ``sqlalchemy.ext.mutable``
   tracks in-place changes). Each caller gets its own object; when the current
   session already holds that user (or one of its roles) the session's own object
-  is used, exactly as ``session.get`` would.
+  is used, exactly as ``session.get`` would; when the session's transaction has
+  written watched rows and not committed yet, its view may differ from the entry,
+  so the loader runs instead (unstored).
 * **Invalidation is automatic and happens only after commit.** Listeners on *your*
   session factory (not on every ``Session`` in the process) collect the users
   touched by a flush -- inserts, updates, deletes, changes to their relationship
@@ -123,6 +125,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committ
 from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
 
+from .cache import LOAD_AGAIN
 from .config import ConfigError
 from .versions import key_label
 
@@ -236,6 +239,7 @@ class SQLAlchemyBinding:
         "_txn_key",
         "_removed",
         "_attach",
+        "_users_in_tree",
         "__weakref__",
     )
 
@@ -282,6 +286,12 @@ class SQLAlchemyBinding:
         self._txn_key = object()  # session.info key: (root SessionTransaction, its number)
         self._tree_names = frozenset(_names_in(tree))
         snapshotted = dict.fromkeys((user_model, *_targets_of(mapper, tree)))
+        # Whether a snapshot can hold rows of other users (a manager, "roles.users"):
+        # then a change to any user row, or to a related row's collections, may be in
+        # other users' entries, which only invalidating everyone reaches.
+        self._users_in_tree = any(
+            issubclass(target, user_model) or issubclass(user_model, target) for target in _targets_of(mapper, tree)
+        )
         self._instance_listeners = tuple(
             (cls, name, fn) for cls in snapshotted for name, fn in (("load", self._on_load), ("refresh", self._on_refresh))
         )
@@ -327,6 +337,11 @@ class SQLAlchemyBinding:
             attach = self._choose_attach()
         session = self._current() if self._current is not None else None
         built: dict[tuple, Any] = {}
+        if session is not None and session.info.get(self):  # a _Pending is falsy when empty
+            # This session's transaction wrote watched rows and has not committed: its
+            # view may differ from the entry (a bulk UPDATE, a flushed change it no longer
+            # holds). The loader reads that view, as in the bare app.
+            return LOAD_AGAIN
         if session is None:
             user = self._build(stored, None, built)
             _announce_loaded(map(instance_state, built.values()))
@@ -594,7 +609,9 @@ class SQLAlchemyBinding:
         try:
             if isinstance(obj, self.user_model):
                 pending.ids.update(self._ids_of(state))
-            elif inserted_or_deleted:
+                if self._users_in_tree:
+                    pending.everything = True  # other users' snapshots may hold this row
+            elif inserted_or_deleted or self._users_in_tree:
                 pending.everything = True
             else:
                 self._related_changed(obj, state, pending)
@@ -779,7 +796,10 @@ def bind_sqlalchemy(
     them; the targets of ``relationships`` are always watched. A change that only
     moves users in and out of a related row's user collection invalidates exactly
     those users; any other change to a related row, and every ORM bulk
-    ``update()``/``delete()``/``insert()`` on a watched model, invalidates all.
+    ``update()``/``delete()``/``insert()`` on a watched model, invalidates all. When
+    ``relationships`` reach other users (a ``manager``, ``"roles.users"``), any user
+    may appear in another user's entry, so every committed change to a user row or to
+    a related row invalidates all.
 
     Cache keys are the ids Flask-Login passes to the loader; by default the user's
     primary key as a string. If your ``get_id()`` returns something else, pass the

@@ -964,8 +964,17 @@ def test_a_released_savepoint_waits_for_the_outer_commit(world):
     _warm(world, 2)
     with world.db.begin_nested():
         world.db.get(User, 2).email = "inner@x"
-    world.get(2)
-    assert world.loads == []  # released, not committed: nothing invalidated yet
+    seen: list[str] = []
+
+    def another_request():  # its own session (scoped per thread), outside this transaction
+        seen.append(world.get(2).email)
+        world.db.remove()
+
+    thread = threading.Thread(target=another_request)
+    thread.start()
+    thread.join()
+    assert world.loads == [] and seen == ["bob@x"]  # released, not committed: nothing invalidated yet
+    assert world.get(2).email == "inner@x"  # this transaction's own view
     world.db.commit()
     assert world.request(2).email == "inner@x"
 
