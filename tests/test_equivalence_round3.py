@@ -8,11 +8,43 @@ what app code can observe. Real Flask, Flask-Login, Flask-Principal and SQLAlche
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import Column, ForeignKey, String, Table, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, scoped_session, sessionmaker
+import ast
+import dataclasses
+import datetime
+import uuid
 
-from identity_middleware import UserCache
+import pytest
+from flask import Flask, g, request, session
+from flask.ctx import _AppCtxGlobals
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
+from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
+from flask_login.signals import session_protected, user_loaded_from_cookie
+from flask_principal import Identity, Principal, RoleNeed, identity_changed, identity_loaded
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from markupsafe import Markup
+from sqlalchemy import JSON, Column, ForeignKey, Integer, String, Table, create_engine, func, select, update
+from sqlalchemy.ext.hybrid import hybrid_property
+from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    attribute_keyed_dict,
+    column_property,
+    composite,
+    deferred,
+    mapped_column,
+    query_expression,
+    reconstructor,
+    relationship,
+    scoped_session,
+    sessionmaker,
+    validates,
+)
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from identity_middleware import IdentityMiddleware, UserCache
 from identity_middleware.sqlalchemy import bind_sqlalchemy
 
 # -- SQLAlchemy: a snapshot that reaches other users ----------------------------------------
@@ -146,23 +178,6 @@ def test_a_committed_change_to_another_user_in_the_snapshot_is_seen_by_the_next_
 
 # -- Flask: the whole stack, bare and wrapped, driven by the same browser -------------------
 
-import ast  # noqa: E402
-import datetime  # noqa: E402
-from collections.abc import MutableMapping  # noqa: E402
-import uuid  # noqa: E402
-
-from flask import Flask, g, jsonify, request, session  # noqa: E402
-from flask.ctx import _AppCtxGlobals  # noqa: E402
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin  # noqa: E402
-from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user  # noqa: E402
-from flask_login.signals import session_protected, user_loaded_from_cookie  # noqa: E402
-from flask_principal import Identity, Principal, RoleNeed, identity_changed, identity_loaded  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from markupsafe import Markup  # noqa: E402
-from werkzeug.middleware.proxy_fix import ProxyFix  # noqa: E402
-
-from identity_middleware import IdentityMiddleware  # noqa: E402
 
 ROLES = {"1": ["admin"], "2": ["editor", "admin"]}
 
@@ -516,21 +531,6 @@ def test_the_header_cache_follows_the_cookie_name_and_the_key_as_they_change_at_
 
 # -- SQLAlchemy: a model with most of what the ORM offers, hit against fresh load -------------
 
-import dataclasses  # noqa: E402
-
-from sqlalchemy import JSON, Integer, func, select  # noqa: E402
-from sqlalchemy.ext.hybrid import hybrid_property  # noqa: E402
-from sqlalchemy.ext.mutable import MutableDict  # noqa: E402
-from sqlalchemy.orm import (  # noqa: E402
-    attribute_keyed_dict,
-    column_property,
-    composite,
-    deferred,
-    query_expression,
-    reconstructor,
-    validates,
-)
-
 
 class ZooBase(DeclarativeBase):
     pass
@@ -720,8 +720,6 @@ def test_a_model_with_inheritance_composites_mutables_validators_and_versions_be
 
 
 # -- SQLAlchemy: a hit inside a transaction that already changed what the entry holds ---------
-
-from sqlalchemy import update  # noqa: E402
 
 
 def _bulk_rename_the_user(db):
