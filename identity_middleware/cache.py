@@ -557,7 +557,7 @@ class UserCache:
                 adapter = self.adapter
                 value = stored if adapter is None else adapter.from_cache(stored)
                 if value is LOAD_AGAIN:
-                    value, outcome = self._bypass(user_id, loader), "bypass"
+                    value, outcome = self._bypass(user_id, loader, counted=True), "bypass"
                 else:
                     if on_hit is not None:
                         on_hit(value)
@@ -625,7 +625,7 @@ class UserCache:
             if entry is not None:
                 value = self._hand_out(entry[0], on_hit)
                 if value is LOAD_AGAIN:
-                    return self._bypass(user_id, loader), "bypass"
+                    return self._bypass(user_id, loader, counted=True), "bypass"
                 return value, outcome
             assert flight is not None  # entry is None, so the block above set (or joined) one
             if leader:
@@ -634,7 +634,7 @@ class UserCache:
             if not flight.failed:
                 value = self._hand_out(flight.stored, on_hit)
                 if value is LOAD_AGAIN:
-                    return self._bypass(user_id, loader), "bypass"
+                    return self._bypass(user_id, loader, counted=True), "bypass"
                 return value, "miss"
             # The load failed and its caller got the exception, or the adapter found it
             # older than its stamp. Loop: the first waiter back under the lock starts
@@ -696,10 +696,12 @@ class UserCache:
         handed = adapter.from_cache(stored)
         return value if handed is LOAD_AGAIN else handed  # its own load is this caller's view
 
-    def _bypass(self, user_id: Any, loader: Callable[[Any], Any]) -> Any:
-        """``ttl=0``: the loader runs every time; only the stats remember."""
+    def _bypass(self, user_id: Any, loader: Callable[[Any], Any], *, counted: bool = False) -> Any:
+        """The loader's own answer, never stored: every call with ``ttl=0``, and a caller the
+        adapter sent back (:data:`LOAD_AGAIN`), whose call already counts as a hit or miss."""
         with self._lock:
-            self._misses += 1
+            if not counted:
+                self._misses += 1
             self._loads += 1
         try:
             return loader(user_id)

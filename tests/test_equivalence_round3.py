@@ -769,6 +769,9 @@ def test_a_hit_in_a_transaction_that_changed_its_rows_shows_that_transactions_vi
         assert views[0] == views[1]
         db.remove()
         assert _tree_view(cache.get(1, load)) == _tree_view(load(1))  # rolled back: the entry again
+        stats = cache.stats()
+        assert stats.hits + stats.misses == 4  # every call of cache.get counted once, the sent-back one as a hit
+        assert stats.loads == 2  # the first warm-up, and the call sent back to the loader
     finally:
         binding.remove()
         db.remove()
