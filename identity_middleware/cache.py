@@ -62,6 +62,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Hashable, NamedTuple, Protocol, TypeVar, cast, overload
 
 from .config import ConfigError, Resolved, redacted, resolve
+from .memo import GIL
 from .versions import LocalVersionStore, VersionStore
 
 if TYPE_CHECKING:
@@ -131,9 +132,6 @@ MAX_KEY_CHARS = 1024
 
 #: Attribute set on every loader wrapped by :meth:`UserCache.cached`; its value is the cache.
 _MARK = "_identity_user_cache"
-
-# Each OrderedDict call on the hit path is atomic only while a GIL serialises threads.
-_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 Loader = TypeVar("Loader", bound=Callable[[Any], Any])
 
@@ -403,7 +401,7 @@ class UserCache:
         self._lock = threading.Lock()
         # key -> (stored value, stamp read before the load, expiry); order = recency.
         self._entries: OrderedDict[str, tuple[Any, Hashable, float]] = OrderedDict()
-        if _GIL:
+        if GIL:  # each OrderedDict call on the hit path is atomic only then
             self._entries_get = self._entries.get
             self._move_to_end = self._entries.move_to_end
         else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from flask import Flask, request
 from werkzeug.datastructures import EnvironHeaders as _EnvironHeaders
+
+from .memo import GIL, BoundedMemo
 
 if TYPE_CHECKING:
     from flask import Request
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["IDENTIFIER_MEMO_BYTES", "IDENTIFIER_MEMO_MAX_CHARS", "memoise", "session_identifier_memo_problem"]
 
 _log = logging.getLogger(__name__)
-
-# Each dict call on the read path is atomic only while a GIL serialises threads.
-_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 #: The current request object itself, past the proxy (werkzeug's documented way).
 _current_request: Callable[[], Request] = request._get_current_object  # type: ignore[attr-defined]
@@ -131,7 +129,7 @@ def session_identifier_memo_problem() -> str | None:
     return None
 
 
-class _SessionIdentifierMemo:
+class _SessionIdentifierMemo(BoundedMemo[str]):
     """Flask-Login's ``_create_identifier``, remembered per (User-Agent, X-Forwarded-For, remote address).
 
     Installed per LoginManager as its ``_session_identifier_generator`` (the
@@ -148,14 +146,12 @@ class _SessionIdentifierMemo:
     never stored (:data:`IDENTIFIER_MEMO_MAX_CHARS`).
     """
 
-    __slots__ = ("__wrapped__", "_remote_addr", "_namespace", "_entries", "_size", "_lock")
+    __slots__ = ("__wrapped__", "_remote_addr", "_namespace")
 
     def __init__(self, create: Callable[[], str]) -> None:
+        super().__init__(IDENTIFIER_MEMO_BYTES)
         self.__wrapped__ = create
         _, self._remote_addr, self._namespace = _flask_login_identifier_functions()
-        self._entries: dict[tuple[Any, Any, Any], tuple[str, int]] = {}
-        self._size = 0
-        self._lock = threading.Lock()
 
     def __call__(self) -> str:
         current = _current_request()
@@ -173,41 +169,21 @@ class _SessionIdentifierMemo:
             plain = _PLAIN_TYPES  # not a str subclass: equal to a key, it may still encode otherwise
             if type(agent) in plain and type(forwarded) in plain and type(address) in plain:
                 key = (agent, forwarded, address)
-                if _GIL:
-                    found = self._entries.get(key)
+                if GIL:
+                    found = self._data.get(key)
                 else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
                     with self._lock:
-                        found = self._entries.get(key)
+                        found = self._data.get(key)
                 if found is not None:
-                    return found[0]
+                    return found[1]
                 identifier = self.__wrapped__()
-                self._store(key, identifier)
+                if type(identifier) is str:  # Flask-Login returns a hex digest
+                    strings = [value for value in key if type(value) is str]
+                    if sum(map(len, strings)) <= IDENTIFIER_MEMO_MAX_CHARS:
+                        size = _IDENTIFIER_ENTRY_OVERHEAD + sum(map(sys.getsizeof, strings)) + sys.getsizeof(identifier)
+                        self._store(key, size, identifier)
                 return identifier
         return self.__wrapped__()
-
-    def _store(self, key: tuple[Any, Any, Any], identifier: str) -> None:
-        if type(identifier) is not str:  # pragma: no cover - Flask-Login returns a hex digest
-            return
-        strings = [value for value in key if type(value) is str]
-        if sum(map(len, strings)) > IDENTIFIER_MEMO_MAX_CHARS:
-            return
-        size = _IDENTIFIER_ENTRY_OVERHEAD + sum(map(sys.getsizeof, strings)) + sys.getsizeof(identifier)
-        entries = self._entries
-        with self._lock:
-            if key in entries:
-                return
-            while entries and self._size + size > IDENTIFIER_MEMO_BYTES:
-                self._size -= entries.pop(next(iter(entries)))[1]
-            entries[key] = (identifier, size)
-            self._size += size
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def currsize(self) -> int:
-        """Bytes charged for the entries held now."""
-        return self._size
 
 
 def memoise(manager: Any) -> None:

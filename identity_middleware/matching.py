@@ -51,12 +51,13 @@ Matching is case-exact, like werkzeug's router.
 from __future__ import annotations
 
 import sys
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
+
+from .memo import GIL, BoundedMemo
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -255,12 +256,8 @@ def _strings_bytes(values: Iterable[Any]) -> int:
     return sum(sys.getsizeof(v) for v in values if isinstance(v, str))
 
 
-# Each dict call on the read path is atomic only while a GIL serialises threads.
-_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
-
-
-class PathMemo(Generic[_Result]):
-    """A thread-safe memo of ``function(path, *rest)``, bounded in bytes.
+class PathMemo(BoundedMemo[_Result]):
+    """A thread-safe memo of ``function(path, *rest)``, bounded in bytes (:class:`BoundedMemo`).
 
     The first argument is a client-chosen path, so an entry is charged for the
     strings in its key and its value plus :data:`MEMO_ENTRY_OVERHEAD`, and the
@@ -268,16 +265,9 @@ class PathMemo(Generic[_Result]):
     path longer than ``max_path`` is never stored: one huge path would otherwise
     evict hundreds of ordinary ones. The function runs outside the lock; two
     threads missing at once both compute, which is harmless for a pure function.
-
-    Why not ``cachetools.LRUCache(getsizeof=...)``: a hit there updates the
-    recency order, so every read must hold a lock -- about 1.5 us per static
-    request, half of what serve mode spends answering a small file. Here a hit is
-    one ``dict.get``, atomic under the GIL, and only writers lock. First-in,
-    first-out eviction costs a popular path one recomputation (a URL-map match,
-    some microseconds) each time the whole budget has turned over.
     """
 
-    __slots__ = ("_function", "_data", "_size", "_lock", "_max_path", "maxsize")
+    __slots__ = ("_function", "_max_path")
 
     def __init__(
         self,
@@ -286,17 +276,13 @@ class PathMemo(Generic[_Result]):
         max_bytes: int | None = None,
         max_path: int | None = None,
     ) -> None:
+        super().__init__(MEMO_BYTES if max_bytes is None else max_bytes)
         self._function = function
-        self._data: dict[tuple[Any, ...], tuple[int, _Result]] = {}
-        self._size = 0
-        self._lock = threading.Lock()
         self._max_path = MEMO_MAX_PATH if max_path is None else max_path
-        #: The byte budget.
-        self.maxsize: int = MEMO_BYTES if max_bytes is None else max_bytes
 
     def __call__(self, path: str, *rest: Any) -> _Result:
         key = (path, *rest)
-        if _GIL:
+        if GIL:
             hit = self._data.get(key)
         else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
             with self._lock:
@@ -306,35 +292,8 @@ class PathMemo(Generic[_Result]):
         result = self._function(path, *rest)
         if len(path) <= self._max_path:
             value = result if isinstance(result, tuple) else (result,)
-            size = MEMO_ENTRY_OVERHEAD + _strings_bytes(key) + _strings_bytes(value)
-            if size <= self.maxsize:  # else larger than the whole budget: not memoised
-                self._store(key, size, result)
+            self._store(key, MEMO_ENTRY_OVERHEAD + _strings_bytes(key) + _strings_bytes(value), result)
         return result
-
-    def _store(self, key: tuple[Any, ...], size: int, result: _Result) -> None:
-        data = self._data
-        with self._lock:
-            if key in data:
-                return
-            # Readers only call data.get, so iterating here under the lock is safe.
-            while data and self._size + size > self.maxsize:
-                oldest = next(iter(data))
-                self._size -= data.pop(oldest)[0]
-            data[key] = (size, result)
-            self._size += size
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    @property
-    def currsize(self) -> int:
-        """Bytes charged for the entries held now."""
-        return self._size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._size = 0
 
 
 class Classifier:
