@@ -621,19 +621,13 @@ class UserCache:
                         leader = False
                 counted = True
             if entry is not None:
-                value = self._hand_out(entry[0], on_hit)
-                if value is LOAD_AGAIN:
-                    return self._bypass(user_id, loader, counted=True), "bypass"
-                return value, outcome
+                return self._hand_out(entry[0], on_hit, user_id, loader, outcome)
             assert flight is not None  # entry is None, so the block above set (or joined) one
             if leader:
                 return self._run(key, user_id, loader, flight, now), "miss"
             flight.done.wait()
             if not flight.failed:
-                value = self._hand_out(flight.stored, on_hit)
-                if value is LOAD_AGAIN:
-                    return self._bypass(user_id, loader, counted=True), "bypass"
-                return value, "miss"
+                return self._hand_out(flight.stored, on_hit, user_id, loader, "miss")
             # The load failed and its caller got the exception, or the adapter found it
             # older than its stamp. Loop: the first waiter back under the lock starts
             # the next load, the others wait for that one.
@@ -708,15 +702,25 @@ class UserCache:
                 self._load_errors += 1
             raise
 
-    def _hand_out(self, stored: Any, on_hit: Callable[[Any], None] | None) -> Any:
-        """A stored value as a caller that did not run the loader receives it."""
+    def _hand_out(
+        self,
+        stored: Any,
+        on_hit: Callable[[Any], None] | None,
+        user_id: Any,
+        loader: Callable[[Any], Any],
+        outcome: str,
+    ) -> tuple[Any, str]:
+        """A stored value as a caller that did not run the loader receives it, with ``outcome``;
+        or, when the adapter sends this caller back (:data:`LOAD_AGAIN`), the loader's own answer."""
         if stored is None:
-            return None
+            return None, outcome
         adapter = self.adapter
         value = stored if adapter is None else adapter.from_cache(stored)
-        if on_hit is not None and value is not LOAD_AGAIN:
+        if value is LOAD_AGAIN:
+            return self._bypass(user_id, loader, counted=True), "bypass"
+        if on_hit is not None:
             on_hit(value)
-        return value
+        return value, outcome
 
     # -- bookkeeping (caller holds self._lock) ------------------------------------------------
 
