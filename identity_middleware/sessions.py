@@ -181,6 +181,10 @@ class _Decoded:
             else None
         )
 
+    def fresh(self, max_age: int) -> bool:
+        """The signer's own age test, to the second, with the lifetime as it is now."""
+        return 0 <= int(time.time()) - self.timestamp <= max_age
+
     def same_as(self, new: dict[str, Any]) -> bool:
         """``_same(self.data, new)``, in C-level steps for the usual session of strings and numbers.
 
@@ -455,23 +459,18 @@ class CachedCookieSessionInterface(WrappingSessionInterface):
         header = self._header_key(request, name)
         if header is not None:
             alias = self._cached(header, keys)
-            if alias is not None:
-                decoded = alias.decoded
-                if 0 <= int(time.time()) - decoded.timestamp <= max_age:
-                    self._counts[0] += 1
-                    return self._session(inner, decoded)
+            if alias is not None and alias.decoded.fresh(max_age):
+                self._counts[0] += 1
+                return self._session(inner, alias.decoded)
         value = request.cookies.get(name)
         if not value:
             return inner.session_class()  # type: ignore[no-any-return]
         decoded = self._cached(value, keys)
-        if decoded is not None:
-            # The signer's own age test, with the lifetime as it is now.
-            age = int(time.time()) - decoded.timestamp
-            if 0 <= age <= max_age:
-                self._counts[0] += 1
-                if header is not None:
-                    self._store(header, keys, _Alias(decoded, header))
-                return self._session(inner, decoded)
+        if decoded is not None and decoded.fresh(max_age):
+            self._counts[0] += 1
+            if header is not None:
+                self._store(header, keys, _Alias(decoded, header))
+            return self._session(inner, decoded)
         self._counts[1] += 1
         try:
             data, signed = inner.get_signing_serializer(app).loads(value, max_age=max_age, return_timestamp=True)
