@@ -194,6 +194,23 @@ class _Node:
         self.unloaded: tuple[str, ...] | None = None  # what a built instance lacks; set by its first build
         self.distinct = False  # on the root: no identity occurs twice in the tree (set by to_cache)
 
+    def instance(self) -> tuple[Any, dict[str, Any]]:
+        """A new instance holding this row's column values, and its ``__dict__``: what the
+        ORM's own row loader fills (mutable values deep-copied, so no request changes ours)."""
+        obj = self.new_instance()
+        dict_ = instance_dict(obj)
+        dict_.update(self.values)
+        for name in self.copied:
+            dict_[name] = copy.deepcopy(self.values[name])
+        return obj, dict_
+
+    def make_detached(self, state: InstanceState) -> None:
+        """:func:`_to_detached` for an instance built from this node (the checked private path)."""
+        unloaded = self.unloaded
+        if unloaded is None:  # the same for every instance built from this node
+            unloaded = self.unloaded = tuple(state.unloaded)
+        _to_detached(state, self.key, unloaded)
+
     def __repr__(self) -> str:
         return f"<snapshot {self.key[0].__name__}{self.key[1]!r}>"
 
@@ -494,23 +511,14 @@ class SQLAlchemyBinding:
             existing = in_session(key)
             if existing is not None:
                 return existing  # the session's view wins, as with session.get()
-        obj = node.new_instance()
+        obj, _ = node.instance()
         built[key] = obj
-        dict_ = instance_dict(obj)
-        dict_.update(node.values)  # what the ORM's own row loader does
-        if node.copied:
-            for name in node.copied:
-                dict_[name] = copy.deepcopy(node.values[name])
         for name, many, child, _ in node.children:
             set_committed_value(obj, name, self._build_child(many, child, in_session, built))
         # A key, clean history, missing columns expired; session.add then makes it
         # persistent at once, without SQL.
-        state = instance_state(obj)
         if self._attach is _attach_rows:  # the private seams passed their check
-            unloaded = node.unloaded
-            if unloaded is None:  # the same for every instance built from this node
-                unloaded = node.unloaded = tuple(state.unloaded)
-            _to_detached(state, key, unloaded)
+            node.make_detached(instance_state(obj))
         else:
             make_transient_to_detached(obj)
         return obj
@@ -519,24 +527,16 @@ class SQLAlchemyBinding:
         """``_build`` for a tree without repeated identities, into a session that holds
         none of them, on the checked private path: the same instances, appended to
         ``states`` in the order ``_build`` would attach them."""
-        obj = node.new_instance()
+        obj, dict_ = node.instance()
         state = instance_state(obj)
         states.append(state)
-        dict_ = instance_dict(obj)
-        dict_.update(node.values)
-        if node.copied:
-            for name in node.copied:
-                dict_[name] = copy.deepcopy(node.values[name])
         for _, many, child, impl in node.children:
             if many:
                 value: Any = [self._build_new(item, states) for item in child]
             else:
                 value = None if child is None else self._build_new(child, states)
             _set_loaded(state, dict_, impl, value)
-        unloaded = node.unloaded
-        if unloaded is None:
-            unloaded = node.unloaded = tuple(state.unloaded)
-        _to_detached(state, node.key, unloaded)
+        node.make_detached(state)
         return obj
 
     def _build_child(
