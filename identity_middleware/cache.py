@@ -133,6 +133,10 @@ MAX_KEY_CHARS = 1024
 #: Attribute set on every loader wrapped by :meth:`UserCache.cached`; its value is the cache.
 _MARK = "_identity_user_cache"
 
+#: The name in ``g`` of the last hit of the request: ``(user handed out, records of the
+#: entry that served it)``, for :func:`~identity_middleware.identity_memo.memoize_identity`.
+SERVED = "_identity_cache_served"
+
 Loader = TypeVar("Loader", bound=Callable[[Any], Any])
 
 
@@ -399,8 +403,9 @@ class UserCache:
         self._timer = timer
         self._apps: list[weakref.ref[Flask]] = []  # the apps served, oldest first
         self._lock = threading.Lock()
-        # key -> (stored value, stamp read before the load, expiry); order = recency.
-        self._entries: OrderedDict[str, tuple[Any, Hashable, float]] = OrderedDict()
+        # key -> (stored value, stamp read before the load, expiry, records); order = recency.
+        # The records (identity_memo.py) live and die with their entry.
+        self._entries: OrderedDict[str, tuple[Any, Hashable, float, dict[Any, Any]]] = OrderedDict()
         if GIL:  # each OrderedDict call on the hit path is atomic only then
             self._entries_get = self._entries.get
             self._move_to_end = self._entries.move_to_end
@@ -563,12 +568,14 @@ class UserCache:
         else:
             value, outcome = self._load(key, user_id, loader, on_hit)
         if in_request:
-            # For the Server-Timing header (timing.py). Written to g's __dict__ directly:
-            # g's own __setattr__ is a Python-level method, and two calls of it would add
-            # about half the cost of a hit.
+            # For the Server-Timing header (timing.py) and identity_memo.py. Written to g's
+            # __dict__ directly: g's own __setattr__ is a Python-level method, and two calls
+            # of it would add about half the cost of a hit.
             namespace = _app.get().g.__dict__
             namespace["_identity_cache_outcome"] = outcome
             namespace["_identity_cache_seconds"] = _clock() - started
+            if outcome == "hit":
+                namespace[SERVED] = (value, entry[3])  # type: ignore[index]  # a hit has an entry
         return value
 
     # -- the miss path: single flight -----------------------------------------------------
@@ -734,10 +741,10 @@ class UserCache:
         else:
             expires = started + self._ttl
         entries = self._entries
-        entries[key] = (stored, stamp, expires)
+        entries[key] = (stored, stamp, expires, {})
         entries.move_to_end(key)
         while len(entries) > self._maxsize:
-            _, (_, _, old_expires) = entries.popitem(last=False)
+            _, (_, _, old_expires, _) = entries.popitem(last=False)
             if old_expires <= now:
                 self._expirations += 1
             else:
