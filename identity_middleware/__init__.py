@@ -17,6 +17,7 @@ from typing import Any
 
 from .cache import CacheStats, UserCache
 from .config import ConfigError
+from .identity_memo import memoize_identity
 from .middleware import IdentityMiddleware, is_static_request
 from .serve_rules import static_safe
 from .static import StaticFiles
@@ -25,6 +26,7 @@ from .versions import InvalidationUnconfirmed, LocalVersionStore, VersionStore
 __all__ = [
     "UserCache",
     "CacheStats",
+    "memoize_identity",
     "IdentityMiddleware",
     "is_static_request",
     "static_safe",
