@@ -28,9 +28,22 @@ def test_every_variant_answers_the_same_bytes_and_only_the_naive_app_runs_sql(bu
         dynamic.NAIVE: 2,
         dynamic.OURS: 0,
         dynamic.OURS_SESSIONS: 0,
+        dynamic.OURS_MEMO: 0,
     }
     answer, body = dynamic.call(apps[dynamic.OURS_SESSIONS], environ)
     assert body == b'{"name":"alice","roles":["admin","editor"]}\n'
+
+
+def test_only_the_memoized_variant_replays_its_identity_handler(built):
+    apps, environ = built
+    for name in (dynamic.OURS_SESSIONS, dynamic.OURS_MEMO):
+        dynamic.call(apps[name], environ)
+    records = {
+        name: apps[name].extensions["dynamic_user_cache"]._entries["1"][3]
+        for name in (dynamic.OURS, dynamic.OURS_SESSIONS, dynamic.OURS_MEMO)
+    }
+    assert records[dynamic.OURS] == records[dynamic.OURS_SESSIONS] == {}
+    assert len(records[dynamic.OURS_MEMO]) == 1
 
 
 def test_only_the_sessions_variant_stops_re_signing_the_unchanged_cookie(built):
