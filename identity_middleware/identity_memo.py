@@ -90,14 +90,16 @@ def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
     (ids, auth types, needs and attributes, with their types), so the same effect
     applied to both leaves them alike after, as running the handler would.
     """
-    key = []
-    for name, value in state.items():
-        if type(value) is set:
-            value = frozenset(value)
-        if not _shareable(value):
-            return None
-        key.append((name, type(value), value))
-    return tuple(key)
+    values = []
+    for value in state.values():
+        kind = type(value)
+        if kind not in _IMMUTABLE_LEAVES:
+            if kind is set:  # the needs: Identity's provides
+                value = frozenset(value)
+            if not _shareable(value):
+                return None
+        values.append(value)
+    return tuple(state), tuple(map(type, state.values())), tuple(values)
 
 
 def _effect(identity: Any, provides: Any, provided: set[Any], before: dict[str, Any], user: Any) -> Any:
