@@ -70,6 +70,7 @@ _CLAIM = "_identity_memo_claim"
 #: Stands in a record for "the user this request was served".
 _USER = object()
 _MISSING = object()
+_NO_NEEDS: frozenset[Any] = frozenset()
 _IMMUTABLE_LEAVES = frozenset({str, int, float, bool, type(None), bytes, complex})
 
 
@@ -90,16 +91,19 @@ def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
     (ids, auth types, needs and attributes, with their types), so the same effect
     applied to both leaves them alike after, as running the handler would.
     """
-    values = []
-    for value in state.values():
+    key: list[Any] = []
+    append = key.append
+    for name, value in state.items():
         kind = type(value)
         if kind not in _IMMUTABLE_LEAVES:
             if kind is set:  # the needs: Identity's provides
-                value = frozenset(value)
+                value = frozenset(value) if value else _NO_NEEDS
             if not _shareable(value):
                 return None
-        values.append(value)
-    return tuple(state), tuple(map(type, state.values())), tuple(values)
+        append(name)
+        append(kind)
+        append(value)
+    return tuple(key)
 
 
 def _effect(identity: Any, provides: Any, provided: set[Any], before: dict[str, Any], user: Any) -> Any:
