@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from flask.ctx import AppContext
     from flask_login import LoginManager
 
-__all__ = ["UserCache", "CacheStats", "CacheAdapter", "LOAD_AGAIN"]
+__all__ = ["UserCache", "CacheStats", "CacheAdapter", "LOAD_AGAIN", "OwnView"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,21 @@ log = logging.getLogger(__name__)
 #: entry (its own uncommitted transaction changed what the entry holds): the caller
 #: runs the loader itself, and nothing is stored.
 LOAD_AGAIN: Any = type("LoadAgain", (), {"__repr__": lambda self: "LOAD_AGAIN", "__slots__": ()})()
+
+
+class OwnView:
+    """What an adapter's ``from_cache`` returns for a user that is not the entry's alone.
+
+    The SQLAlchemy helper hands a caller the rows its own session already holds
+    (which that request may have changed) instead of new ones built from the
+    entry. The caller gets ``value`` as usual, but nothing recorded for the entry
+    (:mod:`identity_middleware.identity_memo`) may be applied to it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class _ContextLookup(Protocol):
@@ -183,7 +198,8 @@ class CacheAdapter(Protocol):
 
     An adapter without them is trusted to have read current data.
 
-    ``from_cache`` may return :data:`LOAD_AGAIN` for a caller whose own view of the
+    ``from_cache`` may wrap its answer in :class:`OwnView` when it is not built from
+    the entry alone. It may return :data:`LOAD_AGAIN` for a caller whose own view of the
     data differs from the entry (the SQLAlchemy helper: the caller's transaction
     wrote what the entry holds); that caller then runs the loader, unstored.
     """
@@ -543,6 +559,7 @@ class UserCache:
     ) -> Any:
         key = str(user_id)
         in_request = _request.get(None) is not None
+        own_view = False
         if in_request:
             started = _clock()
         entry = self._entries_get(key)
@@ -562,9 +579,11 @@ class UserCache:
                 if value is LOAD_AGAIN:
                     value, outcome = self._bypass(user_id, loader, counted=True), "bypass"
                 else:
+                    outcome = "hit"
+                    if type(value) is OwnView:
+                        value, own_view = value.value, True
                     if on_hit is not None:
                         on_hit(value)
-                    outcome = "hit"
         else:
             value, outcome = self._load(key, user_id, loader, on_hit)
         if in_request:
@@ -574,7 +593,7 @@ class UserCache:
             namespace = _app.get().g.__dict__
             namespace["_identity_cache_outcome"] = outcome
             namespace["_identity_cache_seconds"] = _clock() - started
-            if outcome == "hit":
+            if outcome == "hit" and not own_view:  # a user built from the entry alone
                 namespace[SERVED] = (value, entry[3])  # type: ignore[index]  # a hit has an entry
         return value
 
@@ -693,6 +712,8 @@ class UserCache:
         if stored is None or adapter is None:
             return stored
         handed = adapter.from_cache(stored)
+        if type(handed) is OwnView:
+            return handed.value
         return value if handed is LOAD_AGAIN else handed  # its own load is this caller's view
 
     def _bypass(self, user_id: Any, loader: Callable[[Any], Any], *, counted: bool = False) -> Any:
@@ -725,6 +746,8 @@ class UserCache:
         value = stored if adapter is None else adapter.from_cache(stored)
         if value is LOAD_AGAIN:
             return self._bypass(user_id, loader, counted=True), "bypass"
+        if type(value) is OwnView:
+            value = value.value
         if on_hit is not None:
             on_hit(value)
         return value, outcome

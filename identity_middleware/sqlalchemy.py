@@ -125,7 +125,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committ
 from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.exc import DetachedInstanceError
 
-from .cache import LOAD_AGAIN
+from .cache import LOAD_AGAIN, OwnView
 from .config import ConfigError
 from .versions import key_label
 
@@ -346,7 +346,12 @@ class SQLAlchemyBinding:
         return node
 
     def from_cache(self, stored: _Node | None) -> Any:
-        """A user for the caller: the current session's own, or a new instance added to it."""
+        """A user for the caller: the current session's own, or a new instance added to it.
+
+        Wrapped in :class:`~identity_middleware.cache.OwnView` when the session
+        already held rows (the user, or rows of its graph, which this request may
+        have changed): a new graph built from the entry alone is handed out bare.
+        """
         if stored is None:
             return None
         attach = self._attach
@@ -364,7 +369,8 @@ class SQLAlchemyBinding:
             _announce_loaded(map(instance_state, built.values()))
             return user
         identity_map = session.identity_map
-        if attach is not None and stored.distinct and not identity_map:
+        first_use = not identity_map
+        if attach is not None and stored.distinct and first_use:
             # The common hit: the request's first use of its session. Nothing the
             # snapshot names can be in the session yet and no identity occurs twice in
             # it, so there is nothing to look up or to merge: build each row once.
@@ -376,7 +382,7 @@ class SQLAlchemyBinding:
         in_session = identity_map.get
         existing = in_session(stored.key)
         if existing is not None:
-            return existing  # the session's view wins, as with session.get()
+            return OwnView(existing)  # the session's view wins, as with session.get()
         user = self._build(stored, in_session, built)
         states = [instance_state(obj) for obj in built.values()]
         if attach is not None:  # what Session.add ends in, minus the cascade walk
@@ -388,7 +394,8 @@ class SQLAlchemyBinding:
                 if state.detached:
                     session.add(state.obj())
         _announce_loaded(states)
-        return user
+        # Rows the session held (and this request may have changed) stand in the graph.
+        return user if first_use else OwnView(user)
 
     def _choose_attach(self) -> Callable[[Session, Sequence[InstanceState]], None] | None:
         problem = private_attach_problem(self.user_model, self.relationships)
