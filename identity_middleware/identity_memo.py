@@ -22,39 +22,46 @@ and its record together, so a replayed identity is never older than the cached u
 it goes with: after ``invalidate()`` returns, the next request loads the user and runs
 the handler again.
 
-**When the handler still runs** (every time, nothing recorded): no request context;
-the user was not loaded from a cache hit *by this identity load* -- a miss, a login, an
-anonymous user, a caller whose own transaction changed the user, or a user some code
-had already loaded (and might have changed) before Principal loaded the identity, as
-with a second ``identity_changed`` in the same request; the handler raised, returned
-something, removed a need, replaced ``identity.provides`` or deleted an attribute; or
-it stored a value another request must not share -- anything but strings, numbers,
-``None``, bytes and tuples/frozensets of them (needs are such tuples), the user object
-itself (replayed as *this* request's user) and a proxy such as ``current_user``. The
-handler also runs when the identity it is given holds something unshareable (an
-earlier receiver stored the user object on it, say). A record is keyed by the handler,
-the sender and the whole state of the identity it was given -- its class, id, auth
-type, needs and attributes, with their types -- so it is replayed only onto an
-identity exactly like the one the handler changed.
+**Loading the user.** A replay needs to know which entry serves the user, so the
+wrapper loads the user (``current_user``) before the handler would -- but only from an
+identity state in which it has seen the handler read ``current_user`` itself (it learns
+this on the handler's first run from each state, in a bounded memo), so no user is
+loaded that the bare app would not load.
+
+**When the handler still runs** (and nothing is replayed): no request context; the
+user was already loaded before this call (code may have changed it since; this
+includes a second ``identity_changed`` in the same request, and a second memoized
+receiver of the same signal); the user did not come from the cache as a new copy of an
+entry (a miss, a login, an anonymous or deleted user, rows the request's own session
+already held -- :class:`~identity_middleware.cache.OwnView` -- or a transaction that
+changed them); the handler raised, returned something, removed a need, replaced
+``identity.provides`` or deleted an attribute; or it stored a value another request
+must not share -- anything but strings, numbers, ``None``, bytes and tuples/frozensets
+of them (needs are such tuples), the user object itself (replayed as *this* request's
+user) and Flask's and Flask-Login's context proxies (``current_user``, ``request``,
+``session``, ``g``, ``current_app``). The handler also runs when the identity it is
+given holds something unshareable (a set other than ``provides``, the user object).
+A record is keyed by the handler, the sender and the whole state of the identity it
+was given -- its class, id, auth type, needs and attributes, with their types at every
+level -- so it is replayed only onto an identity exactly like the one the handler
+changed.
 
 **What the app promises by decorating.** The handler's effect on the identity is a
 function of the cached user (the columns and relationships ``bind_sqlalchemy``
-snapshots), the sender and the identity it is given, and nothing else:
-it does not read the request, the session, ``g``, the clock or rows outside the
-snapshot, and it has no side effects the app relies on (logging, ``g``, counters),
-because on a replay it does not run. Other receivers of ``identity_loaded`` are not
-affected: they run on every request. The wrapper reads ``current_user`` before
-anything else, which loads the user as the handler's own first read of it would.
+snapshots), the sender and the identity it is given, and nothing else: it does not
+read the request, the session, ``g``, the clock or rows outside the snapshot, and it
+has no side effects the app relies on (logging, ``g``, counters), because on a replay
+it does not run. Other receivers of ``identity_loaded`` are not affected: they run on
+every request.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
-
-from werkzeug.local import LocalProxy
+from typing import Any, Callable, Hashable, TypeVar
 
 from .cache import SERVED, _cv_app, _cv_request
+from .memo import GIL, BoundedMemo
 
 __all__ = ["memoize_identity"]
 
@@ -64,14 +71,22 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 #: served); past that, handlers run without being recorded.
 MAX_RECORDS_PER_ENTRY = 16
 
-#: The name in ``g`` of ``(identity, SERVED record)``: the identity whose load hit the cache.
-_CLAIM = "_identity_memo_claim"
+#: Bytes (estimated) each decorated handler may spend remembering, per identity state,
+#: whether it reads ``current_user``; past that the oldest are forgotten and learned again.
+LEARNED_BYTES = 4 * 1024 * 1024
+
+#: Where Flask-Login keeps the request's user in ``g``: present once it was loaded.
+_LOGIN_USER = "_login_user"
 
 #: Stands in a record for "the user this request was served".
 _USER = object()
 _MISSING = object()
-_NO_NEEDS: frozenset[Any] = frozenset()
-_IMMUTABLE_LEAVES = frozenset({str, int, float, bool, type(None), bytes, complex})
+_IMMUTABLE_LEAVES = frozenset({str, int, float, bool, type(None), bytes})
+_NO_NEEDS: tuple[type, frozenset[Any]] = (frozenset, frozenset())
+
+
+class _Unshareable(Exception):
+    pass
 
 
 def _shareable(value: Any, depth: int = 0) -> bool:
@@ -84,29 +99,68 @@ def _shareable(value: Any, depth: int = 0) -> bool:
     return all(_shareable(item, depth + 1) for item in value)
 
 
+def _typed(value: Any, depth: int = 0) -> Any:
+    """``value`` as a key that tells apart what ``==`` does not: ``True`` from ``1`` at any
+    depth (inside needs too), ``-0.0`` from ``0.0``. Raises :class:`_Unshareable`."""
+    kind = type(value)
+    if kind is float:
+        return kind, value.hex()
+    if kind in _IMMUTABLE_LEAVES:
+        return kind, value
+    if depth > 16 or not isinstance(value, (tuple, frozenset)) or hasattr(value, "__dict__"):
+        raise _Unshareable
+    items = [_typed(item, depth + 1) for item in value]
+    return kind, frozenset(items) if isinstance(value, frozenset) else tuple(items)
+
+
 def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
     """The identity's state before the handler, as a key, or None if any of it is unshareable.
 
     Two identities with equal keys are alike in everything a handler can read of them
-    (ids, auth types, needs and attributes, with their types), so the same effect
-    applied to both leaves them alike after, as running the handler would.
+    (ids, auth types, needs and attributes, with their types at every level), so the
+    same effect applied to both leaves them alike after, as running the handler would.
+    Only ``provides`` may be a set (a set elsewhere may be filled in place).
     """
-    key: list[Any] = []
-    append = key.append
-    for name, value in state.items():
-        kind = type(value)
-        if kind not in _IMMUTABLE_LEAVES:
-            if kind is set:  # the needs: Identity's provides
-                value = frozenset(value) if value else _NO_NEEDS
-            if not _shareable(value):
-                return None
-        append(name)
-        append(kind)
-        append(value)
+    key = []
+    try:
+        for name, value in state.items():
+            if name == "provides" and type(value) is set:
+                key.append((name, _typed(frozenset(value)) if value else _NO_NEEDS))
+            else:
+                key.append((name, _typed(value)))
+    except _Unshareable:
+        return None
     return tuple(key)
 
 
-def _effect(identity: Any, provides: Any, provided: set[Any], before: dict[str, Any], user: Any) -> Any:
+class _LearnedReads(BoundedMemo[bool]):
+    """Per (sender, identity state): whether the handler read ``current_user`` from it."""
+
+    __slots__ = ()
+
+    def get(self, key: Hashable) -> bool | None:
+        if GIL:
+            found = self._data.get(key)
+        else:  # pragma: no cover -- free-threaded CPython
+            with self._lock:
+                found = self._data.get(key)
+        return None if found is None else found[1]
+
+    def learn(self, key: tuple[Any, tuple[Any, ...]], reads: bool) -> None:
+        self._store(key, 100 + 80 * len(key[1]) + sum(len(repr(item)) for item in key[1]), reads)
+
+
+def _context_proxies() -> tuple[Any, ...]:
+    """The proxies that stand for "this request's" object in every request."""
+    import flask
+    from flask_login import current_user
+
+    return current_user, flask.request, flask.session, flask.g, flask.current_app
+
+
+def _effect(
+    identity: Any, provides: Any, provided: set[Any], before: dict[str, Any], user: Any, proxies: tuple[Any, ...]
+) -> Any:
     """What a handler did to ``identity``, as a replayable record, or None if it cannot be replayed."""
     after = identity.__dict__
     if after.get("provides") is not provides or not provided <= provides:
@@ -120,7 +174,7 @@ def _effect(identity: Any, provides: Any, provided: set[Any], before: dict[str, 
             continue
         if value is user:
             changes.append((name, _USER))
-        elif _shareable(value) or isinstance(value, LocalProxy):
+        elif _shareable(value) or any(value is proxy for proxy in proxies):
             changes.append((name, value))
         else:
             return None
@@ -135,9 +189,14 @@ def memoize_identity(handler: Handler) -> Handler:
     Decorate an ``identity_loaded`` receiver whose effect depends only on the user;
     put it under ``connect_via``/``connect`` so the signal holds the wrapper.
     """
-    from flask_login import current_user
+    proxies = _context_proxies()
+    load_user: Callable[[], Any] = proxies[0]._get_current_object
+    learned = _LearnedReads(LEARNED_BYTES)
 
-    load_user: Callable[[], Any] = current_user._get_current_object
+    def record(served: Any, key: Any, effect: Any) -> None:
+        records = served[1]
+        if effect is not None and len(records) < MAX_RECORDS_PER_ENTRY:
+            records[key] = effect
 
     @functools.wraps(handler)
     def memoized(sender: Any, **kwargs: Any) -> Any:
@@ -145,39 +204,41 @@ def memoize_identity(handler: Handler) -> Handler:
         if identity is None or len(kwargs) != 1 or _cv_request.get(None) is None:
             return handler(sender, **kwargs)
         namespace = _cv_app.get().g.__dict__
-        earlier = namespace.get(SERVED)
-        user = load_user()
-        served = namespace.get(SERVED)
-        if served is not earlier and served is not None and served[0] is user:
-            # The user was loaded just now, from a cache hit: built from the entry's
-            # snapshot, and untouched since. Other memoized receivers of this same
-            # identity may use the entry too.
-            namespace[_CLAIM] = (identity, served)
-        else:
-            claim = namespace.get(_CLAIM)
-            if claim is None or claim[0] is not identity or claim[1][0] is not user:
-                return handler(sender, **kwargs)
-            served = claim[1]
-        records: dict[Any, Any] = served[1]
-        before = identity.__dict__
-        state = _state_key(before)
+        if _LOGIN_USER in namespace:
+            return handler(sender, **kwargs)  # loaded before: it may have changed since its hit
+        state = _state_key(identity.__dict__)
         if state is None:
             return handler(sender, **kwargs)  # an earlier receiver left something unshareable
-        key = (memoized, sender, type(identity), state)
-        record = records.get(key)
-        if record is not None:
-            added, changes = record
-            identity.provides.update(added)
-            for name, value in changes:
-                setattr(identity, name, user if value is _USER else value)
-            return None
+        try:
+            reads = learned.get((sender, state))
+        except TypeError:  # an unhashable sender
+            return handler(sender, **kwargs)
+        key = (memoized, sender, state)
+        earlier = namespace.get(SERVED)
+        if reads:
+            # The handler reads current_user from this state: loading it first is what
+            # its own first read would do.
+            user = load_user()
+            served = namespace.get(SERVED)
+            if served is earlier or served is None or served[0] is not user:
+                return handler(sender, **kwargs)  # not a user built from an entry just now
+            found = served[1].get(key)
+            if found is not None:
+                added, changes = found
+                identity.provides.update(added)
+                for name, value in changes:
+                    setattr(identity, name, user if value is _USER else value)
+                return None
         provides = identity.provides
-        provided, before = set(provides), dict(before)
+        provided, before = set(provides), dict(identity.__dict__)
         result = handler(sender, **kwargs)
-        if result is None and len(records) < MAX_RECORDS_PER_ENTRY:
-            effect = _effect(identity, provides, provided, before, user)
-            if effect is not None:
-                records[key] = effect
+        user = namespace.get(_LOGIN_USER, _MISSING)
+        if reads is None:
+            learned.learn((sender, state), user is not _MISSING)
+        served = namespace.get(SERVED)
+        if result is None and served is not earlier and served is not None and served[0] is user:
+            # The user was loaded during this call, from an entry: record for that entry.
+            record(served, key, _effect(identity, provides, provided, before, user, proxies))
         return result
 
     return memoized  # type: ignore[return-value]
