@@ -19,54 +19,15 @@ from flask_login import LoginManager, current_user, login_user
 from flask_principal import Identity, Principal, RoleNeed, UserNeed, identity_changed, identity_loaded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Column, ForeignKey, String, Table, create_engine, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, scoped_session, sessionmaker
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.local import LocalProxy
 
 from identity_middleware import IdentityMiddleware, UserCache, memoize_identity
 from identity_middleware.identity_memo import MAX_RECORDS_PER_ENTRY
 from identity_middleware.sqlalchemy import bind_sqlalchemy
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-memo_user_roles = Table(
-    "memo_user_roles",
-    Base.metadata,
-    Column("user_id", ForeignKey("memo_users.id"), primary_key=True),
-    Column("role_id", ForeignKey("memo_roles.id"), primary_key=True),
-)
-
-
-class Role(Base):
-    __tablename__ = "memo_roles"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-
-
-class User(Base):
-    __tablename__ = "memo_users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-    roles: Mapped[list[Role]] = relationship(secondary=memo_user_roles, order_by=Role.id)
-
-    is_authenticated = True
-    is_active = True
-    is_anonymous = False
-
-    def get_id(self) -> str:
-        return str(self.id)
-
-
-def documented(sender: Any, identity: Identity) -> None:
-    """Flask-Principal's documented handler."""
-    identity.user = current_user
-    if current_user.is_authenticated:
-        identity.provides.add(UserNeed(current_user.id))
-        for role in current_user.roles:
-            identity.provides.add(RoleNeed(role.name))
+from memo_models import Role, User, documented, seed, user_roles
 
 
 Handler = Callable[[Any, Identity], Any]
@@ -148,7 +109,7 @@ class Stack:
 
         @app.post("/delete/<int:user_id>")
         def delete(user_id: int) -> Any:
-            db.delete(db.get(User, user_id))  # its memo_user_roles rows go with it
+            db.delete(db.get(User, user_id))  # its user_roles rows go with it
             db.commit()
             return "", 204
 
@@ -199,13 +160,7 @@ def database(tmp_path) -> Callable[[str], str]:
 
     def make(name: str) -> str:
         url = f"sqlite:///{tmp_path / name}.sqlite"
-        engine = create_engine(url)
-        Base.metadata.create_all(engine)
-        with sessionmaker(engine)() as s:
-            admin, editor = Role(id=1, name="admin"), Role(id=2, name="editor")
-            s.add_all([User(id=1, name="alice", roles=[admin, editor]), User(id=2, name="bob", roles=[editor])])
-            s.commit()
-        engine.dispose()
+        seed(url)
         return url
 
     return make
@@ -277,7 +232,7 @@ def test_invalidate_drops_the_record_with_the_entry(pair):
         same(bare, wrapped, clients, "get", "/me")
     # A change the binding does not see (another program), then invalidate() by hand.
     with wrapped.engine.begin() as connection:
-        connection.execute(memo_user_roles.delete().where(memo_user_roles.c.role_id == 1))
+        connection.execute(user_roles.delete().where(user_roles.c.role_id == 1))
     assert repr(RoleNeed("admin")) in clients[1].get("/me").get_json()["provides"]  # within the TTL: as documented
     assert wrapped.cache is not None
     wrapped.cache.invalidate(1)
@@ -300,7 +255,7 @@ def test_an_invalidation_from_another_process_through_redis_drops_the_record(dat
             assert repr(RoleNeed("admin")) in client.get("/me").get_json()["provides"]
         runs = stack.runs[0]
         with stack.engine.begin() as connection:  # the other process's change, committed
-            connection.execute(memo_user_roles.delete().where(memo_user_roles.c.role_id == 1))
+            connection.execute(user_roles.delete().where(user_roles.c.role_id == 1))
         other.invalidate(1)
         for _ in range(3):  # the miss, the hit that records anew, a replay of the new record
             assert repr(RoleNeed("admin")) not in client.get("/me").get_json()["provides"]

@@ -16,44 +16,14 @@ import pytest
 from flask import Flask, current_app, g, jsonify, request, session
 from flask_login import LoginManager, current_user, login_user
 from flask_principal import Identity, Need, Principal, RoleNeed, UserNeed, identity_changed, identity_loaded
-from sqlalchemy import Column, ForeignKey, String, Table, create_engine, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, scoped_session, sessionmaker
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.local import LocalProxy
 
 from identity_middleware import IdentityMiddleware, UserCache, memoize_identity
 from identity_middleware.sqlalchemy import bind_sqlalchemy
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-attack_user_roles = Table(
-    "attack_user_roles",
-    Base.metadata,
-    Column("user_id", ForeignKey("attack_users.id"), primary_key=True),
-    Column("role_id", ForeignKey("attack_roles.id"), primary_key=True),
-)
-
-
-class Role(Base):
-    __tablename__ = "attack_roles"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-
-
-class User(Base):
-    __tablename__ = "attack_users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-    roles: Mapped[list[Role]] = relationship(secondary=attack_user_roles, order_by=Role.id)
-
-    is_authenticated = True
-    is_active = True
-    is_anonymous = False
-
-    def get_id(self) -> str:
-        return str(self.id)
+from memo_models import Role, User, documented, seed
 
 
 Handler = Callable[..., Any]
@@ -179,16 +149,6 @@ def describe(identity: Identity) -> dict[str, Any]:
     }
 
 
-def seed(url: str) -> None:
-    engine = create_engine(url)
-    Base.metadata.create_all(engine)
-    with sessionmaker(engine)() as s:
-        admin, editor = Role(id=1, name="admin"), Role(id=2, name="editor")
-        s.add_all([User(id=1, name="alice", roles=[admin, editor]), User(id=2, name="bob", roles=[editor])])
-        s.commit()
-    engine.dispose()
-
-
 @pytest.fixture
 def pair(tmp_path):
     """``pair(handler, **options)``: a bare and a wrapped app, closed after the test."""
@@ -226,14 +186,6 @@ def warm(bare: App, wrapped: App, clients: tuple[Any, Any], times: int = 3) -> N
     for _ in range(times):
         answers = both(bare, wrapped, "get", "/me", clients)
         assert answers[0] == answers[1]
-
-
-def documented(sender: Any, identity: Identity) -> None:
-    identity.user = current_user
-    if current_user.is_authenticated:
-        identity.provides.add(UserNeed(current_user.id))
-        for role in current_user.roles:
-            identity.provides.add(RoleNeed(role.name))
 
 
 # -- bug: a claim outlives the identity load that made it ---------------------------------
