@@ -60,7 +60,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import Flask, jsonify
 from flask.sessions import SecureCookieSessionInterface, SessionInterface
@@ -98,42 +98,57 @@ OURS_MEMO = "ours, and the handler under @memoize_identity"
 TIMED = (NAIVE, OURS, OURS_SESSIONS, OURS_MEMO)
 
 
-class _Base(DeclarativeBase):
-    pass
+class Models(NamedTuple):
+    """One app's Flask-SQLAlchemy extension and models."""
+
+    db: SQLAlchemy
+    User: Any
+    Role: Any
 
 
-db = SQLAlchemy(model_class=_Base)
+def models() -> Models:
+    """A Flask-SQLAlchemy extension with its own users and roles, for one app.
 
-_user_roles = Table(
-    "dyn_user_roles",
-    _Base.metadata,
-    Column("user_id", ForeignKey("dyn_users.id"), primary_key=True),
-    Column("role_id", ForeignKey("dyn_roles.id"), primary_key=True),
-)
+    Every app of the run gets its own, as a deployed app has: apps sharing one
+    session factory and one mapped class would each pay every other app's
+    ``bind_sqlalchemy`` listeners (measured: +2.4% instructions per request of
+    ours with six bindings in the process), and the naive app would pay them too.
+    """
 
+    class Base(DeclarativeBase):
+        pass
 
-class Role(db.Model):  # type: ignore[name-defined,misc]
-    __tablename__ = "dyn_roles"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80))
+    db = SQLAlchemy(model_class=Base)
+    user_roles = Table(
+        "dyn_user_roles",
+        Base.metadata,
+        Column("user_id", ForeignKey("dyn_users.id"), primary_key=True),
+        Column("role_id", ForeignKey("dyn_roles.id"), primary_key=True),
+    )
 
+    class Role(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "dyn_roles"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(80))
 
-class User(db.Model):  # type: ignore[name-defined,misc]
-    __tablename__ = "dyn_users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80))
-    active: Mapped[bool] = mapped_column(default=True)
-    roles: Mapped[list[Role]] = relationship(secondary=_user_roles, order_by=Role.name)
+    class User(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "dyn_users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(80))
+        active: Mapped[bool] = mapped_column(default=True)
+        roles: Mapped[list[Role]] = relationship(secondary=user_roles, order_by=Role.name)
 
-    is_authenticated = True
-    is_anonymous = False
+        is_authenticated = True
+        is_anonymous = False
 
-    @property
-    def is_active(self) -> bool:
-        return self.active
+        @property
+        def is_active(self) -> bool:
+            return self.active
 
-    def get_id(self) -> str:
-        return str(self.id)
+        def get_id(self) -> str:
+            return str(self.id)
+
+    return Models(db, User, Role)
 
 
 admin = Permission(RoleNeed("admin"))
@@ -161,11 +176,12 @@ def auth_app(
     """The endpoint behind Flask-Login + Flask-Principal + SQLAlchemy; ``ours`` adds the middleware."""
     app = Flask("ours_memo" if memoize else "ours_sessions" if with_sessions else "ours" if ours else "naive")
     app.config.update(SECRET_KEY=SECRET, SQLALCHEMY_DATABASE_URI=database_url)
+    db, User, Role = models()
     db.init_app(app)
     login_manager = LoginManager(app)
     Principal(app)
 
-    def load_user(user_id: str) -> User | None:
+    def load_user(user_id: str) -> Any:
         return db.session.get(User, int(user_id))
 
     if ours:
@@ -396,7 +412,9 @@ def instrument(app: Flask) -> _PartTimer:
         if isinstance(owner, Principal):
             functions[index] = timer.wrap("identity load", function)
     app.teardown_appcontext_funcs[:] = [
-        timer.wrap("SQLAlchemy teardown", function) if getattr(function, "__self__", None) is db else function
+        timer.wrap("SQLAlchemy teardown", function)
+        if isinstance(getattr(function, "__self__", None), SQLAlchemy)
+        else function
         for function in app.teardown_appcontext_funcs
     ]
     return timer
