@@ -82,7 +82,11 @@ _LOGIN_USER = "_login_user"
 _USER = object()
 _MISSING = object()
 _IMMUTABLE_LEAVES = frozenset({str, int, float, bool, type(None), bytes})
-_NO_NEEDS: tuple[type, frozenset[Any]] = (frozenset, frozenset())
+#: Leaves whose equal values are the same value (not floats: -0.0 == 0.0).
+_PLAIN = _IMMUTABLE_LEAVES - {float}
+#: Markers in a state key, before the needs and before any other non-plain value.
+_NEEDS, _NESTED = object(), object()
+_NO_NEEDS: frozenset[Any] = frozenset()
 
 
 class _Unshareable(Exception):
@@ -119,35 +123,39 @@ def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
     Two identities with equal keys are alike in everything a handler can read of them
     (ids, auth types, needs and attributes, with their types at every level), so the
     same effect applied to both leaves them alike after, as running the handler would.
-    Only ``provides`` may be a set (a set elsewhere may be filled in place).
+    Only ``provides`` may be a set (a set elsewhere may be filled in place). Three
+    items per attribute, flat: a replay builds and hashes this on every request.
     """
-    key = []
+    key: list[Any] = []
+    append = key.append
     try:
         for name, value in state.items():
-            if name == "provides" and type(value) is set:
-                key.append((name, _typed(frozenset(value)) if value else _NO_NEEDS))
+            kind = type(value)
+            append(name)
+            if kind in _PLAIN:  # of these types, equal values are the same value
+                append(kind)
+                append(value)
+            elif kind is set and name == "provides":
+                append(_NEEDS)
+                append(frozenset(map(_typed, value)) if value else _NO_NEEDS)
             else:
-                key.append((name, _typed(value)))
+                append(_NESTED)
+                append(_typed(value))
     except _Unshareable:
         return None
     return tuple(key)
 
 
 class _LearnedReads(BoundedMemo[bool]):
-    """Per (sender, identity state): whether the handler read ``current_user`` from it."""
+    """Per (handler, sender, identity state): whether the handler read ``current_user`` from it.
+
+    Read with ``_data.get`` (an entry is ``(charge, reads)``), as :class:`BoundedMemo` says.
+    """
 
     __slots__ = ()
 
-    def get(self, key: Hashable) -> bool | None:
-        if GIL:
-            found = self._data.get(key)
-        else:  # pragma: no cover -- free-threaded CPython
-            with self._lock:
-                found = self._data.get(key)
-        return None if found is None else found[1]
-
-    def learn(self, key: tuple[Any, tuple[Any, ...]], reads: bool) -> None:
-        self._store(key, 100 + 80 * len(key[1]) + sum(len(repr(item)) for item in key[1]), reads)
+    def learn(self, key: tuple[Any, Any, tuple[Any, ...]], reads: bool) -> None:
+        self._store(key, 100 + sum(8 + len(repr(item)) for item in key[2]), reads)
 
 
 def _context_proxies() -> tuple[Any, ...]:
@@ -192,6 +200,12 @@ def memoize_identity(handler: Handler) -> Handler:
     proxies = _context_proxies()
     load_user: Callable[[], Any] = proxies[0]._get_current_object
     learned = _LearnedReads(LEARNED_BYTES)
+    learned_get: Callable[[Hashable], tuple[int, bool] | None] = learned._data.get
+    if not GIL:  # pragma: no cover -- free-threaded CPython: readers take the memo's lock
+
+        def learned_get(key: Hashable) -> tuple[int, bool] | None:
+            with learned._lock:
+                return learned._data.get(key)
 
     def record(served: Any, key: Any, effect: Any) -> None:
         records = served[1]
@@ -209,13 +223,13 @@ def memoize_identity(handler: Handler) -> Handler:
         state = _state_key(identity.__dict__)
         if state is None:
             return handler(sender, **kwargs)  # an earlier receiver left something unshareable
+        key = (memoized, sender, state)
         try:
-            reads = learned.get((sender, state))
+            learned_reads = learned_get(key)
         except TypeError:  # an unhashable sender
             return handler(sender, **kwargs)
-        key = (memoized, sender, state)
         earlier = namespace.get(SERVED)
-        if reads:
+        if learned_reads is not None and learned_reads[1]:
             # The handler reads current_user from this state: loading it first is what
             # its own first read would do.
             user = load_user()
@@ -233,8 +247,8 @@ def memoize_identity(handler: Handler) -> Handler:
         provided, before = set(provides), dict(identity.__dict__)
         result = handler(sender, **kwargs)
         user = namespace.get(_LOGIN_USER, _MISSING)
-        if reads is None:
-            learned.learn((sender, state), user is not _MISSING)
+        if learned_reads is None:
+            learned.learn(key, user is not _MISSING)
         served = namespace.get(SERVED)
         if result is None and served is not earlier and served is not None and served[0] is user:
             # The user was loaded during this call, from an entry: record for that entry.
