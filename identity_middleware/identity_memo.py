@@ -147,15 +147,15 @@ def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
 
 
 class _LearnedReads(BoundedMemo[bool]):
-    """Per (handler, sender, identity state): whether the handler read ``current_user`` from it.
+    """Per (handler, sender, identity class and state): whether the handler read ``current_user`` from it.
 
     Read with ``_data.get`` (an entry is ``(charge, reads)``), as :class:`BoundedMemo` says.
     """
 
     __slots__ = ()
 
-    def learn(self, key: tuple[Any, Any, tuple[Any, ...]], reads: bool) -> None:
-        self._store(key, 100 + sum(8 + len(repr(item)) for item in key[2]), reads)
+    def learn(self, key: tuple[Any, ...], reads: bool) -> None:
+        self._store(key, 100 + sum(8 + len(repr(item)) for item in key[-1]), reads)
 
 
 def _context_proxies() -> tuple[Any, ...]:
@@ -223,7 +223,7 @@ def memoize_identity(handler: Handler) -> Handler:
         state = _state_key(identity.__dict__)
         if state is None:
             return handler(sender, **kwargs)  # an earlier receiver left something unshareable
-        key = (memoized, sender, state)
+        key = (memoized, sender, type(identity), state)
         try:
             learned_reads = learned_get(key)
         except TypeError:  # an unhashable sender

@@ -421,6 +421,33 @@ def test_a_handler_connected_to_any_sender_accepts_an_unhashable_sender(pair):
     assert answers[0] == answers[1]
 
 
+class SubIdentity(Identity):
+    pass
+
+
+def test_a_record_made_on_one_identity_class_is_not_replayed_onto_another(pair):
+    """The same id, auth type and needs, but another class: the handler may tell them apart."""
+
+    def sometimes_sub(app: Flask, db: Any, principal: Principal) -> None:
+        @principal.identity_loader
+        def load_sub() -> Identity | None:
+            if request.args.get("sub") and "identity.id" in session:
+                return SubIdentity(session["identity.id"], session.get("identity.auth_type"))
+            return None
+
+    def by_class(sender: Any, identity: Identity) -> None:
+        kind = "sub" if isinstance(identity, SubIdentity) else "base"
+        identity.provides.add(RoleNeed(f"{kind}:{current_user.roles[0].name}"))
+
+    bare, wrapped = pair(by_class, setup=sometimes_sub)
+    clients = logged_in(bare, wrapped)
+    warm(bare, wrapped, clients)
+    for path in ("/me?sub=1", "/me", "/me?sub=1", "/me"):
+        answers = both(bare, wrapped, "get", path, clients)
+        assert answers[0] == answers[1], path
+    assert repr(RoleNeed("base:admin")) in answers[0][1]["provides"]
+
+
 # -- probes that found nothing, kept as cheap regression guards ----------------------------
 
 
