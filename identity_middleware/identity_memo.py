@@ -58,10 +58,10 @@ every request.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from .cache import SERVED, _cv_app, _cv_request
-from .memo import GIL, BoundedMemo
+from .memo import BoundedMemo
 
 __all__ = ["memoize_identity"]
 
@@ -149,7 +149,7 @@ def _state_key(state: dict[str, Any]) -> tuple[Any, ...] | None:
 class _LearnedReads(BoundedMemo[bool]):
     """Per (handler, sender, identity class and state): whether the handler read ``current_user`` from it.
 
-    Read with ``_data.get`` (an entry is ``(charge, reads)``), as :class:`BoundedMemo` says.
+    Read with ``_find`` (an entry is ``(charge, reads)``), as :class:`BoundedMemo` says.
     """
 
     __slots__ = ()
@@ -200,12 +200,7 @@ def memoize_identity(handler: Handler) -> Handler:
     proxies = _context_proxies()
     load_user: Callable[[], Any] = proxies[0]._get_current_object
     learned = _LearnedReads(LEARNED_BYTES)
-    learned_get: Callable[[Hashable], tuple[int, bool] | None] = learned._data.get
-    if not GIL:  # pragma: no cover -- free-threaded CPython: readers take the memo's lock
-
-        def learned_get(key: Hashable) -> tuple[int, bool] | None:
-            with learned._lock:
-                return learned._data.get(key)
+    learned_get = learned._find
 
     def record(served: Any, key: Any, effect: Any) -> None:
         records = served[1]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import Flask, request
 from werkzeug.datastructures import EnvironHeaders as _EnvironHeaders
 
-from .memo import GIL, BoundedMemo
+from .memo import BoundedMemo
 
 if TYPE_CHECKING:
     from flask import Request
@@ -169,11 +169,7 @@ class _SessionIdentifierMemo(BoundedMemo[str]):
             plain = _PLAIN_TYPES  # not a str subclass: equal to a key, it may still encode otherwise
             if type(agent) in plain and type(forwarded) in plain and type(address) in plain:
                 key = (agent, forwarded, address)
-                if GIL:
-                    found = self._data.get(key)
-                else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
-                    with self._lock:
-                        found = self._data.get(key)
+                found = self._find(key)
                 if found is not None:
                     return found[1]
                 identifier = self.__wrapped__()

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from .memo import GIL, BoundedMemo
+from .memo import BoundedMemo
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -282,11 +282,7 @@ class PathMemo(BoundedMemo[_Result]):
 
     def __call__(self, path: str, *rest: Any) -> _Result:
         key = (path, *rest)
-        if GIL:
-            hit = self._data.get(key)
-        else:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
-            with self._lock:
-                hit = self._data.get(key)
+        hit = self._find(key)
         if hit is not None:
             return hit[1]
         result = self._function(path, *rest)

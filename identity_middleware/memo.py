@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, TypeVar
 
 __all__ = ["GIL", "BoundedMemo"]
 
@@ -35,19 +35,27 @@ _Value = TypeVar("_Value")
 class BoundedMemo(Generic[_Value]):
     """Entries ``key -> (charge, value)`` holding at most ``maxsize`` bytes of charges.
 
-    Read with ``self._data.get(key)`` (under ``self._lock`` when :data:`GIL` is
-    false); write with :meth:`_store`. The oldest entries go first when a new
-    one does not fit; an entry charged more than the whole budget is not stored.
+    Read with ``self._find(key)``, which returns the entry or None: the dict's own
+    ``get`` under a GIL, the same under ``self._lock`` without one. Write with
+    :meth:`_store`. The oldest entries go first when a new one does not fit; an
+    entry charged more than the whole budget is not stored.
     """
 
-    __slots__ = ("_data", "_size", "_lock", "maxsize")
+    __slots__ = ("_data", "_find", "_size", "_lock", "maxsize")
 
     def __init__(self, max_bytes: int) -> None:
         self._data: dict[Hashable, tuple[int, _Value]] = {}
         self._size = 0
         self._lock = threading.Lock()
+        self._find: Callable[[Hashable], tuple[int, _Value] | None] = self._data.get
+        if not GIL:  # pragma: no cover -- free-threaded CPython: no atomicity to lean on
+            self._find = self._locked_find
         #: The byte budget.
         self.maxsize = max_bytes
+
+    def _locked_find(self, key: Hashable) -> tuple[int, _Value] | None:  # pragma: no cover
+        with self._lock:
+            return self._data.get(key)
 
     def _store(self, key: Hashable, size: int, value: _Value) -> None:
         if size > self.maxsize:
