@@ -358,13 +358,14 @@ class SQLAlchemyBinding:
         if attach is _unchecked:
             attach = self._choose_attach()
         session = self._current() if self._current is not None else None
-        built: dict[tuple, Any] = {}
         if session is not None and session.info.get(self):  # a _Pending is falsy when empty
             # This session's transaction wrote watched rows and has not committed: its
             # view may differ from the entry (a bulk UPDATE, a flushed change it no longer
             # holds). The loader reads that view, as in the bare app.
             return LOAD_AGAIN
+        built: dict[tuple, Any]  # the rows _build made, by identity (the fast path needs none)
         if session is None:
+            built = {}
             user = self._build(stored, None, built)
             _announce_loaded(map(instance_state, built.values()))
             return user
@@ -383,6 +384,7 @@ class SQLAlchemyBinding:
         existing = in_session(stored.key)
         if existing is not None:
             return OwnView(existing)  # the session's view wins, as with session.get()
+        built = {}
         user = self._build(stored, in_session, built)
         states = [instance_state(obj) for obj in built.values()]
         if attach is not None:  # what Session.add ends in, minus the cascade walk
