@@ -202,11 +202,6 @@ def memoize_identity(handler: Handler) -> Handler:
     learned = _LearnedReads(LEARNED_BYTES)
     learned_get = learned._find
 
-    def record(served: Any, key: Any, effect: Any) -> None:
-        records = served[1]
-        if effect is not None and len(records) < MAX_RECORDS_PER_ENTRY:
-            records[key] = effect
-
     @functools.wraps(handler)
     def memoized(sender: Any, **kwargs: Any) -> Any:
         identity = kwargs.get("identity")
@@ -247,7 +242,11 @@ def memoize_identity(handler: Handler) -> Handler:
         served = namespace.get(SERVED)
         if result is None and served is not earlier and served is not None and served[0] is user:
             # The user was loaded during this call, from an entry: record for that entry.
-            record(served, key, _effect(identity, provides, provided, before, user, proxies))
+            records = served[1]
+            if len(records) < MAX_RECORDS_PER_ENTRY:
+                effect = _effect(identity, provides, provided, before, user, proxies)
+                if effect is not None:
+                    records[key] = effect
         return result
 
     return memoized  # type: ignore[return-value]
