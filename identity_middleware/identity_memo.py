@@ -197,6 +197,11 @@ def memoize_identity(handler: Handler) -> Handler:
     Decorate an ``identity_loaded`` receiver whose effect depends only on the user;
     put it under ``connect_via``/``connect`` so the signal holds the wrapper.
     """
+    if not callable(handler):
+        raise TypeError(
+            f"memoize_identity decorates an identity_loaded receiver, a function (sender, identity); "
+            f"got {type(handler).__name__} {handler!r}"
+        )
     proxies = _context_proxies()
     load_user: Callable[[], Any] = proxies[0]._get_current_object
     learned = _LearnedReads(LEARNED_BYTES)

@@ -450,6 +450,11 @@ def test_records_per_entry_are_bounded(database):
         stack.close()
 
 
+def test_decorating_something_that_is_not_a_function_fails_at_once():
+    with pytest.raises(TypeError, match=r"memoize_identity decorates an identity_loaded receiver.*got str 'roles'"):
+        memoize_identity("roles")  # type: ignore[type-var]
+
+
 # -- generated handlers -------------------------------------------------------------------
 
 #: Values a generated handler stores on the identity; some shareable, some not.
