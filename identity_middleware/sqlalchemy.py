@@ -127,6 +127,7 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 
 from .cache import LOAD_AGAIN, OwnView
 from .config import ConfigError
+from .deferred_attach import DeferringRegistry, deferring_registry
 from .versions import key_label
 
 if TYPE_CHECKING:
@@ -256,6 +257,7 @@ class SQLAlchemyBinding:
         "_txn_key",
         "_removed",
         "_attach",
+        "_deferring",
         "_users_in_tree",
         "__weakref__",
     )
@@ -292,6 +294,9 @@ class SQLAlchemyBinding:
         # _attach_rows once the private seams passed their check, None for the public
         # path (module docstring). Checked at the first hit: the mappers are configured then.
         self._attach: Callable[[Session, Sequence[InstanceState]], None] | None = _unchecked
+        # Flask-SQLAlchemy's db.session: a hit's rows may wait for the request to create
+        # it (deferred_attach); set with _attach, once the private seams passed.
+        self._deferring: DeferringRegistry | None = None
         self._removed = False
         self._listeners = (
             ("after_begin", self._after_begin),
@@ -357,6 +362,15 @@ class SQLAlchemyBinding:
         attach = self._attach
         if attach is _unchecked:
             attach = self._choose_attach()
+        deferring = self._deferring
+        if deferring is not None and stored.distinct and deferring.can_defer():
+            # The common hit of an API request: its app context has no session yet. The
+            # rows wait for it; the request creates it only if it looks (deferred_attach).
+            waiting: list[InstanceState] = []
+            user = self._build_new(stored, waiting)
+            deferring.defer(waiting, attach)  # type: ignore[arg-type]  # _attach_rows when deferring is set
+            _announce_loaded(waiting)
+            return user
         session = self._current() if self._current is not None else None
         if session is not None and session.info.get(self):  # a _Pending is falsy when empty
             # This session's transaction wrote watched rows and has not committed: its
@@ -408,6 +422,8 @@ class SQLAlchemyBinding:
                 problem,
             )
         self._attach = attach
+        if attach is not None and self._current is self._target:  # hits go to db.session itself
+            self._deferring = deferring_registry(self._target)
         return attach
 
     # -- the store rule: only loads not older than their stamp -------------------------
