@@ -149,13 +149,14 @@ class Deferred:
 class DeferringRegistry(ScopedRegistry):  # type: ignore[type-arg]
     """``db.session``'s registry, over the same sessions, that attaches waiting rows on creation."""
 
-    __slots__ = ("pending", "create")
+    __slots__ = ("pending", "create", "_listeners")
 
     def __init__(self, original: ScopedRegistry) -> None:  # type: ignore[type-arg]
         super().__init__(self._create, original.scopefunc)
         self.registry = original.registry  # the same sessions, one dict
-        self.create = original.createfunc
+        self.create: Any = original.createfunc  # a sessionmaker (deferring_registry checks)
         self.pending: dict[Any, Deferred] = {}
+        self._listeners: tuple[Any, ...] | None = None  # listeners_of(the session class), once found
 
     def _create(self) -> Any:
         session = self.create()
@@ -185,28 +186,52 @@ class DeferringRegistry(ScopedRegistry):  # type: ignore[type-arg]
         wait in it yet (a second hit must meet the first one's rows in the identity map),
         and no listener of the session class would see the attach happen later."""
         key = self.scopefunc()
-        return key not in self.registry and key not in self.pending and _quiet(self.create)
+        if key in self.registry or key in self.pending:
+            return False
+        if self._listeners is None:  # () when not found: _quiet looks them up every time
+            self._listeners = listeners_of(self.create) or ()
+        return _quiet(self.create.class_, self._listeners)
 
-    def defer(self, states: Sequence[InstanceState], attach: Callable[..., None]) -> None:
-        """Let a hit's rows (``can_defer()`` just held) wait for this scope's session."""
+    def defer(self, states: Sequence[InstanceState], attach: Callable[..., None]) -> bool:
+        """Let a hit's rows (``can_defer()`` just held) wait for this scope's session; False
+        if they cannot (a custom instrumentation's state class, which waiting would replace)."""
+        for state in states:
+            if type(state) is not InstanceState:
+                return False
         key = self.scopefunc()
         self.pending[key] = Deferred(self, key, states, attach)
+        return True
 
 
-def _quiet(factory: Any) -> bool:
-    cls = factory.class_
-    dispatch = cls.dispatch
-    for name in EVENTS:
-        listeners = getattr(dispatch, name)._clslevel.get(cls)
-        if listeners and not all(_ours(fn) for fn in listeners):
-            return False
+def _quiet(cls: Any, listeners: tuple[Any, ...] | None = None) -> bool:
+    """Whether no listener but the bindings' own would see ``cls``'s sessions attach or close.
+
+    ``listeners``: what :func:`listeners_of` found for ``cls``, if anything.
+    """
+    for found in listeners or (getattr(cls.dispatch, name)._clslevel.get(cls) for name in EVENTS):
+        if found:
+            for fn in found:
+                if getattr(fn, "__func__", None) is not _ours():
+                    return False
     return True
 
 
-def _ours(fn: Any) -> bool:
+def listeners_of(factory: Any) -> tuple[Any, ...] | None:
+    """The class-level listener deques for EVENTS of ``factory``'s sessions, which SQLAlchemy
+    changes in place on listen and remove; None if it keeps them elsewhere."""
+    probe = factory()  # SQLAlchemy makes a session class's deque of an event on first use
+    for name in EVENTS:
+        getattr(probe.dispatch, name)
+    cls: Any = factory.class_
+    found = tuple(getattr(cls.dispatch, name)._clslevel.get(cls) for name in EVENTS)
+    return None if any(deque is None for deque in found) else found
+
+
+def _ours() -> Any:
+    # The binding's after_transaction_end has nothing to do for a session that never began.
     from .sqlalchemy import SQLAlchemyBinding
 
-    return getattr(fn, "__func__", None) is SQLAlchemyBinding._after_transaction_end
+    return SQLAlchemyBinding._after_transaction_end
 
 
 def deferring_registry(session: Any) -> DeferringRegistry | None:
@@ -242,17 +267,20 @@ def seam_problem() -> str | None:
 def _check_seams() -> str | None:
     try:
         factory = sessionmaker()
-        quiet = _quiet(factory)
+        cls, deques = factory.class_, listeners_of(factory)
+        if deques is None:
+            return "the class-level listener registry is not where deferred_attach looks"
 
         def probe(*args: Any) -> None:
             return None
 
+        quiet = _quiet(cls, deques) and _quiet(cls)
         event.listen(factory, "before_attach", probe)
-        heard = not _quiet(factory)
+        heard = not _quiet(cls, deques) and not _quiet(cls)
         event.remove(factory, "before_attach", probe)
-        if not quiet or not heard or not _quiet(factory):
-            return "the class-level listener registry is not where deferred_attach looks"
-        if InstanceState.__slots__ and "__dict__" not in InstanceState.__slots__:
+        if not quiet or not heard or not _quiet(cls, deques):
+            return "class-level listeners are not seen where deferred_attach looks"
+        if "__dict__" not in InstanceState.__slots__:
             return "InstanceState has no __dict__"
     except Exception as exc:  # any change in these internals means: attach at once
         return f"{type(exc).__name__}: {exc}"

@@ -368,7 +368,8 @@ class SQLAlchemyBinding:
             # rows wait for it; the request creates it only if it looks (deferred_attach).
             waiting: list[InstanceState] = []
             user = self._build_new(stored, waiting)
-            deferring.defer(waiting, attach)  # type: ignore[arg-type]  # _attach_rows when deferring is set
+            if not deferring.defer(waiting, attach):  # type: ignore[arg-type]  # _attach_rows when deferring is set
+                attach(deferring(), waiting)  # type: ignore[misc]  # the scope's new session
             _announce_loaded(waiting)
             return user
         session = self._current() if self._current is not None else None
