@@ -21,6 +21,7 @@ from sqlalchemy import Column, ForeignKey, String, Table, event, inspect
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship, selectinload
 from sqlalchemy.orm.events import SessionEvents
+from sqlalchemy.orm.state import InstanceState
 
 from identity_middleware import IdentityMiddleware, UserCache
 from identity_middleware.deferred_attach import EVENTS, DeferringRegistry, seam_problem
@@ -356,3 +357,17 @@ def test_events_lists_every_session_event_an_attach_and_its_close_fire(tmp_path)
 
 def test_the_seams_pass_their_check_on_the_installed_sqlalchemy():
     assert seam_problem() is None
+
+
+def test_rows_of_a_custom_state_class_attach_at_once(tmp_path):
+    """Waiting swaps a row's state class; a state class of the app's own stays, attached at once."""
+    app, context = build(tmp_path, "ours", lambda context, user: (type(inspect(user)).__name__, _has_session(context, user)))
+    client = logged_in(app)
+    manager = context["User"]._sa_class_manager
+
+    class AppState(InstanceState):  # type: ignore[type-arg]
+        __slots__ = ()
+
+    manager._state_constructor = AppState
+    _undo.append(lambda: vars(manager).pop("_state_constructor", None))
+    assert client.get("/observe").get_data(as_text=True) == "('AppState', ('alice', True))"
