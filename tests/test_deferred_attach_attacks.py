@@ -1,0 +1,321 @@
+"""deferred_attach under attack: differential tests, bare app vs wrapped app.
+
+Each test builds the same Flask + Flask-Login + Flask-SQLAlchemy app twice -- bare
+(the loader ``db.session.get(User, int(uid))`` runs every request) and wrapped
+(``UserCache.cached`` + ``bind_sqlalchemy(..., db.session, User, relationships=("roles",),
+related=(Role,))`` + ``IdentityMiddleware``) -- logs in the same way, warms the cache so
+the wrapped app's next request is a hit whose rows wait (deferred_attach), and sends
+both the same request. Whatever the app's own code computes must be the same.
+Real parts throughout: no mocks.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+from typing import Any, Callable
+
+import pytest
+from flask import Flask, jsonify, request
+from flask_login import LoginManager, current_user, login_user, logout_user
+from flask_sqlalchemy import SQLAlchemy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Column, ForeignKey, String, Table, event, inspect, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    close_all_sessions,
+    make_transient,
+    mapped_column,
+    object_session,
+    relationship,
+)
+
+from identity_middleware import IdentityMiddleware, UserCache
+from identity_middleware.sqlalchemy import bind_sqlalchemy
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+links = Table(
+    "da_user_roles",
+    Base.metadata,
+    Column("user_id", ForeignKey("da_users.id"), primary_key=True),
+    Column("role_id", ForeignKey("da_roles.id"), primary_key=True),
+)
+
+
+class Role(Base):
+    __tablename__ = "da_roles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Note(Base):
+    __tablename__ = "da_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("da_users.id"))
+    text: Mapped[str] = mapped_column(String(50))
+
+
+class User(Base):
+    __tablename__ = "da_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    roles: Mapped[list[Role]] = relationship(secondary=links, order_by=Role.id)
+    notes: Mapped[list[Note]] = relationship(order_by=Note.id)  # not snapshotted: lazy-loads
+
+    is_authenticated = True
+    is_active = True
+    is_anonymous = False
+
+    def get_id(self) -> str:
+        return str(self.id)
+
+
+def seed(db: SQLAlchemy) -> None:
+    Base.metadata.create_all(db.engine)
+    admin, editor = Role(id=1, name="admin"), Role(id=2, name="editor")
+    db.session.add_all(
+        [
+            User(id=1, name="alice", roles=[admin, editor], notes=[Note(id=1, text="n1")]),
+            User(id=2, name="bob", roles=[editor]),
+        ]
+    )
+    db.session.commit()
+
+
+class App:
+    """One app, bare or wrapped; ``setup(self)`` adds the test's views and hooks."""
+
+    def __init__(self, url: str, *, wrapped: bool, setup: Callable[[App], None] | None = None) -> None:
+        self.wrapped = wrapped
+        app = self.app = Flask("deferred_attacks")
+        app.config.update(SECRET_KEY="deferred", TESTING=True, SQLALCHEMY_DATABASE_URI=url)
+        self.db = db = SQLAlchemy()
+        db.init_app(app)
+        manager = LoginManager(app)
+        self.statements: list[str] = []
+        self.binding = None
+        self.cleanup: list[Callable[[], None]] = []  # run by close(): listeners a test added
+
+        def load(user_id: str) -> User | None:
+            return db.session.get(User, int(user_id))
+
+        if wrapped:
+            self.cache = cache = UserCache(app, ttl=300)
+            self.binding = bind_sqlalchemy(cache, db.session, User, relationships=("roles",), related=(Role,))
+            manager.user_loader(cache.cached(load))
+            app.wsgi_app = IdentityMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+        else:
+            manager.user_loader(load)
+
+        with app.app_context():
+            seed(db)
+            self.engine = db.engine
+        event.listen(self.engine, "before_cursor_execute", self._count)
+
+        @app.post("/login/<int:user_id>")
+        def log_in(user_id: int) -> Any:
+            login_user(db.session.get(User, user_id))
+            return "", 204
+
+        @app.get("/warm")
+        def warm() -> Any:
+            return jsonify(name=current_user.name, roles=[r.name for r in current_user.roles])
+
+        if setup is not None:
+            setup(self)
+
+    def _count(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+
+    def sql(self) -> int:
+        """Statements since the last call."""
+        n = len(self.statements)
+        self.statements.clear()
+        return n
+
+    def listen(self, target: Any, name: str, fn: Callable[..., Any], **kw: Any) -> None:
+        """event.listen, removed again when the test ends."""
+        event.listen(target, name, fn, **kw)
+        self.cleanup.append(lambda: event.contains(target, name, fn) and event.remove(target, name, fn))
+
+    def close(self) -> None:
+        for undo in self.cleanup:
+            undo()
+        event.remove(self.engine, "before_cursor_execute", self._count)
+        if self.binding is not None:
+            self.binding.remove()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """``pair(setup)``: a bare and a wrapped app, logged in as alice with the cache warm;
+    returns (bare, wrapped, clients)."""
+    built: list[App] = []
+
+    def make(setup: Callable[[App], None] | None = None, user_id: int = 1) -> tuple[App, App, tuple[Any, Any]]:
+        apps = []
+        for wrapped in (False, True):
+            url = f"sqlite:///{tmp_path / f'{len(built)}.sqlite'}"
+            built.append(App(url, wrapped=wrapped, setup=setup))
+            apps.append(built[-1])
+        clients = (apps[0].app.test_client(), apps[1].app.test_client())
+        for client in clients:
+            assert client.post(f"/login/{user_id}").status_code == 204
+        for _ in range(2):
+            answers = [(r.status_code, r.get_json()) for r in (c.get("/warm") for c in clients)]
+            assert answers[0] == answers[1]
+        return apps[0], apps[1], clients
+
+    yield make
+    for one in built:
+        one.close()
+
+
+def both(clients: tuple[Any, Any], path: str, method: str = "get") -> list[Any]:
+    answers = [getattr(client, method)(path) for client in clients]
+    return [(a.status_code, a.get_json(silent=True)) for a in answers]
+
+
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\b\d+\b")
+
+
+def outcome(fn: Callable[[], Any]) -> Any:
+    """What ``fn()`` returned, or its exception's type and message (addresses and numbers blanked)."""
+    try:
+        return fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {_NUMBERS.sub('N', str(exc))}"
+
+
+def state_of(obj: Any, db: SQLAlchemy) -> dict[str, Any]:
+    """What the app can read about an instance's session state, without creating db.session."""
+    insp = inspect(obj)
+    return {
+        "persistent": insp.persistent,
+        "detached": insp.detached,
+        "pending": insp.pending,
+        "transient": insp.transient,
+        "deleted": insp.deleted,
+        "was_deleted": insp.was_deleted,
+        "has_session": insp.session is not None,
+    }
+
+
+# -- sanity: the wrapped app's request really is a waiting hit -------------------------------
+
+
+def test_the_wrapped_hit_waits(pair):
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            current_user.name
+            return jsonify(has=a.db.session.registry.has(), sql=a.sql())
+
+    bare, wrapped, clients = pair(setup)
+    bare.sql(), wrapped.sql()
+    answers = both(clients, "/probe")
+    assert answers[0] == (200, {"has": True, "sql": 1})
+    assert answers[1] == (200, {"has": False, "sql": 0})  # the documented exception: the session waits
+
+
+# -- bugs ------------------------------------------------------------------------------------
+
+
+def test_close_all_sessions_detaches_the_current_user(pair):
+    """sqlalchemy.orm.close_all_sessions() closes every session in the process: in the bare
+    app the request's session, leaving current_user detached. The wrapped app's rows wait
+    in no session, so close_all_sessions() misses them and the next look attaches them."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            before = [r.name for r in user.roles]
+            close_all_sessions()
+            return jsonify(
+                before=before,
+                after=state_of(user, a.db),
+                in_session=user in a.db.session,
+                same=a.db.session.get(User, 1) is user,
+            )
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0][1]["after"]["detached"] is True
+    assert answers[0] == answers[1]
+
+
+def test_a_session_listener_added_during_the_request_sees_what_the_bare_app_fires(pair):
+    """A listener added to db.session after current_user was loaded: in the bare app the
+    session already exists and holds the user, so later code (a get, the teardown close)
+    fires only what follows; the wrapped app's waiting rows are attached (after_attach,
+    a new transaction) under the listener's eyes."""
+    heard: dict[bool, list[str]] = {False: [], True: []}
+
+    def setup(a: App) -> None:
+        def listener(name: str) -> Callable[..., None]:
+            def fn(session: Any, *args: Any) -> None:
+                target = args[0] if args else None
+                what = type(target.obj() if hasattr(target, "obj") else target).__name__
+                heard[a.wrapped].append(f"{name}:{what}")
+
+            return fn
+
+        names = ("after_transaction_create", "before_attach", "after_attach", "detached_to_persistent")
+        fns = [(name, listener(name)) for name in names]
+
+        @a.app.get("/probe")
+        def probe() -> Any:
+            roles = [r.name for r in current_user.roles]
+            a.sql()
+            for name, fn in fns:
+                a.listen(a.db.session, name, fn)
+            same = a.db.session.get(Role, 1) is current_user.roles[0]  # in the session: no SQL either way
+            return jsonify(roles=roles, same=same, sql=a.sql())
+
+    bare, wrapped, clients = pair(setup)
+    bare.sql(), wrapped.sql()
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+    assert heard[True] == heard[False]
+
+
+def test_a_session_listener_added_during_the_request_hears_the_teardown_close(pair):
+    """The bare app's teardown closes the session that holds the user and its roles:
+    persistent_to_detached for each, then after_transaction_end. A listener added after
+    current_user was read hears that; the wrapped app forgets its waiting rows silently."""
+    heard: dict[bool, list[str]] = {False: [], True: []}
+
+    def setup(a: App) -> None:
+        def p2d(session: Any, instance: Any) -> None:
+            heard[a.wrapped].append(f"persistent_to_detached:{type(instance).__name__}")
+
+        def end(session: Any, transaction: Any) -> None:
+            heard[a.wrapped].append("after_transaction_end")
+
+        @a.app.get("/probe")
+        def probe() -> Any:
+            roles = [r.name for r in current_user.roles]
+            a.listen(a.db.session, "persistent_to_detached", p2d)
+            a.listen(a.db.session, "after_transaction_end", end)
+            return jsonify(roles=roles)
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+    assert sorted(heard[False]) == [
+        "after_transaction_end",
+        "persistent_to_detached:Role",
+        "persistent_to_detached:Role",
+        "persistent_to_detached:User",
+    ]
+    assert heard[True] == heard[False]
