@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import re
 import threading
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -93,11 +94,20 @@ def seed(db: SQLAlchemy) -> None:
 class App:
     """One app, bare or wrapped; ``setup(self)`` adds the test's views and hooks."""
 
-    def __init__(self, url: str, *, wrapped: bool, setup: Callable[[App], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        wrapped: bool,
+        setup: Callable[[App], None] | None = None,
+        before_db: Callable[[App], None] | None = None,
+    ) -> None:
         self.wrapped = wrapped
         app = self.app = Flask("deferred_attacks")
         app.config.update(SECRET_KEY="deferred", TESTING=True, SQLALCHEMY_DATABASE_URI=url)
         self.db = db = SQLAlchemy()
+        if before_db is not None:
+            before_db(self)  # hooks registered here run after Flask-SQLAlchemy's teardown
         db.init_app(app)
         manager = LoginManager(app)
         self.statements: list[str] = []
@@ -161,11 +171,13 @@ def pair(tmp_path):
     returns (bare, wrapped, clients)."""
     built: list[App] = []
 
-    def make(setup: Callable[[App], None] | None = None, user_id: int = 1) -> tuple[App, App, tuple[Any, Any]]:
+    def make(
+        setup: Callable[[App], None] | None = None, user_id: int = 1, before_db: Callable[[App], None] | None = None
+    ) -> tuple[App, App, tuple[Any, Any]]:
         apps = []
         for wrapped in (False, True):
             url = f"sqlite:///{tmp_path / f'{len(built)}.sqlite'}"
-            built.append(App(url, wrapped=wrapped, setup=setup))
+            built.append(App(url, wrapped=wrapped, setup=setup, before_db=before_db))
             apps.append(built[-1])
         clients = (apps[0].app.test_client(), apps[1].app.test_client())
         for client in clients:
@@ -319,3 +331,94 @@ def test_a_session_listener_added_during_the_request_hears_the_teardown_close(pa
         "persistent_to_detached:User",
     ]
     assert heard[True] == heard[False]
+
+
+def test_registry_set_replaces_the_session_as_in_the_bare_app(pair):
+    """db.session.registry.set(s) (ScopedRegistry's public setter) replaces the scope's
+    session in the bare app; the wrapped app refuses it while a hit's rows wait."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            roles = [r.name for r in user.roles]
+            mine = a.db.session.session_factory()
+            set_result = outcome(lambda: a.db.session.registry.set(mine))
+            return jsonify(
+                roles=roles,
+                set=repr(set_result),
+                current_is_mine=a.db.session() is mine,
+                user_in_mine=user in mine,
+                user_session_is_mine=object_session(user) is mine,
+            )
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0][1]["set"] == "None"
+    assert answers[0] == answers[1]
+
+
+def test_registry_clear_without_close_leaves_the_user_in_its_session(pair):
+    """db.session.registry.clear() forgets the scope's session without closing it: in the
+    bare app current_user is still persistent in that (now unregistered) session; the
+    wrapped app's forget() makes it detached."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            roles = [r.name for r in user.roles]
+            gc.disable()  # the unregistered session is in a reference cycle: keep the collector out of it
+            try:
+                a.db.session.registry.clear()
+                return jsonify(roles=roles, state=state_of(user, a.db), new_session_has_it=user in a.db.session)
+            finally:
+                gc.enable()
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+
+
+def test_configure_after_the_hit_does_not_change_the_requests_session(pair):
+    """db.session.configure(...) after current_user was loaded: the bare app's session
+    already exists and keeps its settings (configure warns and changes only sessions made
+    later); the wrapped app creates the session afterwards, with the new settings."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            roles = [r.name for r in current_user.roles]
+            kw = dict(a.db.session.session_factory.kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the documented exception: no warning in the wrapped app
+                a.db.session.configure(info={"configured": True}, expire_on_commit=False)
+            try:
+                session = a.db.session()
+                return jsonify(roles=roles, info=dict(session.info), expire=session.expire_on_commit)
+            finally:
+                a.db.session.session_factory.kw = kw
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+
+
+def test_a_logged_out_users_rows_do_not_linger_in_the_identity_map(pair):
+    """logout_user() drops the request's only reference to the user: in the bare app its
+    rows leave the session's (weak) identity map. The wrapped app's waiting rows are held
+    by their Deferred and attached, dead, when the session is created."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            current_user.name
+            logout_user()
+            gc.collect()
+            identity_map = a.db.session.identity_map
+            return jsonify(size=len(identity_map), keys=sorted(str(k[1]) for k in identity_map.keys()))
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == (200, {"size": 0, "keys": []})
+    assert answers[0] == answers[1]
