@@ -24,6 +24,7 @@ from flask_sqlalchemy import SQLAlchemy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Column, ForeignKey, String, Table, event, inspect, select
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -407,10 +408,39 @@ def test_configure_after_the_hit_does_not_change_the_requests_session(pair):
     assert answers[0] == answers[1]
 
 
-def test_a_logged_out_users_rows_do_not_linger_in_the_identity_map(pair):
-    """logout_user() drops the request's only reference to the user: in the bare app its
-    rows leave the session's (weak) identity map. The wrapped app's waiting rows are held
-    by their Deferred and attached, dead, when the session is created."""
+def test_rows_the_app_let_go_of_do_not_linger_in_the_identity_map(pair):
+    """set_committed_value(user, "roles", []) (no change event, no session needed) drops
+    the request's only references to the roles: in the bare app they leave the session's
+    (weak) identity map. The wrapped app's waiting states are held by their Deferred and
+    are attached, their objects dead, when the session is created."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            [r.name for r in user.roles]
+            a.sql()
+            set_committed_value(user, "roles", [])
+            gc.collect()
+            identity_map = a.db.session.identity_map
+            return jsonify(
+                size=len(identity_map),
+                keys=sorted(f"{k[0].__name__}{k[1]}" for k in identity_map.keys()),
+                role=a.db.session.get(Role, 1).name,
+                sql=a.sql(),
+            )
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0][1]["keys"] == ["User(1,)"]
+    assert answers[0] == answers[1]
+
+
+def test_a_logged_out_user_does_not_linger_in_the_identity_map(pair):
+    """Not deferred_attach's doing (it fails before it too): logout_user() drops the
+    request's reference to the user, so in the bare app its rows leave the session's weak
+    identity map; the wrapped app keeps the hit's user in g._identity_cache_served for
+    memoize_identity, so they stay."""
 
     def setup(a: App) -> None:
         @a.app.get("/probe")
@@ -595,4 +625,238 @@ def test_random_operations_after_a_hit(ops_pair, names):
     del wrapped.waited[:]  # type: ignore[attr-defined]
     answers = both(clients, "/ops/" + "/".join(names))
     assert wrapped.waited == [True]  # type: ignore[attr-defined]
+    assert answers[0] == answers[1]
+
+
+# -- probes: hooks, teardown, errors, later requests, threads, Flask-Principal ---------------
+
+
+def test_teardown_functions_before_and_after_flask_sqlalchemys_see_the_same(pair):
+    seen: dict[bool, list[Any]] = {False: [], True: []}
+
+    def before_db(a: App) -> None:
+        @a.app.teardown_appcontext  # registered first: runs after Flask-SQLAlchemy's remove()
+        def late(exc: Any) -> None:
+            user = g.get("user")
+            if user is not None:
+                seen[a.wrapped].append(["late", state_of(user, a.db), user in a.db.session, a.sql()])
+
+    def setup(a: App) -> None:
+        @a.app.teardown_appcontext  # registered after db.init_app: runs before its remove()
+        def early(exc: Any) -> None:
+            user = g.get("user")
+            if user is not None:
+                seen[a.wrapped].append(["early", state_of(user, a.db)])
+
+        @a.app.teardown_request
+        def request_done(exc: Any) -> None:
+            user = g.get("user")
+            if user is not None:
+                seen[a.wrapped].append(["request", [r.name for r in user.roles], state_of(user, a.db)])
+
+        @a.app.after_request
+        def after(response: Any) -> Any:
+            if "user" in g:
+                seen[a.wrapped].append(["after_request", g.user.name])
+            return response
+
+        @a.app.get("/probe/<int:n>")
+        def probe(n: int) -> Any:
+            g.user = current_user._get_current_object()
+            [r.name for r in g.user.roles]
+            a.sql()
+            if n:
+                a.db.session.remove()
+                return jsonify(state=state_of(g.user, a.db), notes=outcome(lambda: [x.text for x in g.user.notes]))
+            return jsonify(name=g.user.name)
+
+    bare, wrapped, clients = pair(setup, before_db=before_db)
+    for n in (0, 1):
+        answers = both(clients, f"/probe/{n}")
+        assert answers[0] == answers[1]
+    assert seen[True] == seen[False]
+
+
+def test_an_error_in_the_view_and_its_handler_see_the_same(pair):
+    def setup(a: App) -> None:
+        @a.app.errorhandler(ZeroDivisionError)
+        def handle(exc: Any) -> Any:
+            user = current_user._get_current_object()
+            return jsonify(handler=state_of(user, a.db), in_session=user in a.db.session), 500
+
+        @a.app.get("/probe")
+        def probe() -> Any:
+            [r.name for r in current_user.roles]
+            current_user.name = "changed"
+            1 / 0
+
+        @a.app.get("/after")
+        def after() -> Any:
+            return jsonify(name=current_user.name, roles=[r.name for r in current_user.roles])
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0][0] == 500
+    assert answers[0] == answers[1]
+    assert both(clients, "/after")[0] == both(clients, "/after")[1]
+
+
+def test_a_user_kept_from_an_earlier_request(pair):
+    kept: dict[bool, list[Any]] = {False: [], True: []}
+
+    def setup(a: App) -> None:
+        @a.app.get("/keep")
+        def keep() -> Any:
+            kept[a.wrapped].append(current_user._get_current_object())
+            return jsonify(roles=[r.name for r in current_user.roles])
+
+        @a.app.get("/probe")
+        def probe() -> Any:
+            old = kept[a.wrapped][0]
+            before = state_of(old, a.db)
+            current = current_user._get_current_object()
+            return jsonify(
+                before=before,
+                same=old is current,
+                roles=[r.name for r in old.roles],
+                notes=outcome(lambda: [n.text for n in old.notes]),
+                add=outcome(lambda: a.db.session.add(old)),
+                merged=outcome(lambda: a.db.session.merge(old) is current),
+                after=state_of(old, a.db),
+            )
+
+    bare, wrapped, clients = pair(setup)
+    assert both(clients, "/keep")[0] == both(clients, "/keep")[1]
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+
+
+def test_threads_and_copied_request_contexts(pair):
+    from flask import copy_current_request_context
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            roles = [r.name for r in user.roles]
+            seen: list[Any] = []
+
+            @copy_current_request_context
+            def copied() -> None:
+                mine = current_user._get_current_object()
+                seen.append(
+                    outcome(
+                        lambda: [
+                            mine is user,
+                            object_session(user) is not None,
+                            object_session(mine) is a.db.session(),
+                            user in a.db.session,
+                            [r.name for r in mine.roles],
+                        ]
+                    )
+                )
+
+            thread = threading.Thread(target=copied)
+            thread.start()
+            thread.join()
+            seen.append([state_of(user, a.db), user in a.db.session])
+            return jsonify(roles=roles, seen=seen)
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == answers[1]
+
+
+def test_a_thread_that_outlives_the_request(pair):
+    results: dict[bool, list[Any]] = {False: [], True: []}
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            [r.name for r in user.roles]
+            go = threading.Event()
+
+            def later() -> None:
+                go.wait(5)
+                results[a.wrapped].append(
+                    [state_of(user, a.db), [r.name for r in user.roles], outcome(lambda: [n.text for n in user.notes])]
+                )
+
+            a.thread = threading.Thread(target=later)  # type: ignore[attr-defined]
+            a.thread.start()  # type: ignore[attr-defined]
+            a.go = go  # type: ignore[attr-defined]
+            return "", 204
+
+    bare, wrapped, clients = pair(setup)
+    both(clients, "/probe")
+    for a in (bare, wrapped):
+        a.go.set()  # type: ignore[attr-defined]
+        a.thread.join()  # type: ignore[attr-defined]
+    assert results[True] == results[False]
+
+
+def test_flask_principal_and_memoize_identity(pair):
+    from flask_principal import Identity, Principal, RoleNeed, UserNeed, identity_changed, identity_loaded
+
+    from identity_middleware import memoize_identity
+
+    connected: list[Any] = []
+
+    def setup(a: App) -> None:
+        Principal(a.app)
+
+        def on_loaded(sender: Any, identity: Any) -> None:
+            identity.provides.add(UserNeed(current_user.id))
+            for role in current_user.roles:
+                identity.provides.add(RoleNeed(role.name))
+
+        handler = memoize_identity(on_loaded) if a.wrapped else on_loaded
+        identity_loaded.connect(handler, sender=a.app, weak=False)
+        connected.append((handler, a.app))
+
+        @a.app.post("/principal-login")
+        def principal_login() -> Any:
+            identity_changed.send(a.app, identity=Identity(current_user.id))
+            return "", 204
+
+        @a.app.get("/probe")
+        def probe() -> Any:
+            user = current_user._get_current_object()
+            return jsonify(
+                provides=sorted(map(repr, g.identity.provides)),
+                state=state_of(user, a.db),
+                sql=a.sql(),
+                contains=user in a.db.session,
+            )
+
+    try:
+        bare, wrapped, clients = pair(setup)
+        both(clients, "/principal-login", "post")
+        for _ in range(3):
+            bare.sql(), wrapped.sql()
+            answers = both(clients, "/probe")
+            answers[0][1]["sql"] = answers[1][1]["sql"] = None  # the hit saves the loader's SQL, by design
+            assert answers[0] == answers[1]
+    finally:
+        for handler, app in connected:
+            identity_loaded.disconnect(handler, sender=app)
+
+
+def test_a_hit_after_a_pending_change_autoflushes_as_the_loader_would(pair):
+    """Not deferred_attach's doing (the session exists here, so the rows attach at once):
+    the bare loader's db.session.get() runs a query, whose autoflush writes the request's
+    pending changes (a new row gets its id); a cache hit runs no query and flushes nothing."""
+
+    def setup(a: App) -> None:
+        @a.app.get("/probe")
+        def probe() -> Any:
+            note = Note(id=None, user_id=1, text="pending")
+            a.db.session.add(note)
+            name = current_user.name  # the first touch: the loader (bare) or a hit (wrapped)
+            return jsonify(name=name, note_id=note.id, new=len(a.db.session.new))
+
+    bare, wrapped, clients = pair(setup)
+    answers = both(clients, "/probe")
+    assert answers[0] == (200, {"name": "alice", "note_id": 2, "new": 0})
     assert answers[0] == answers[1]
