@@ -139,7 +139,9 @@ class Deferred:
     def into(self, session: Session) -> None:
         """Attach the rows to ``session`` (the scope's session, just created)."""
         self._restore()
-        self.attach(session, self.states)
+        # A row whose object the app let go of meanwhile would have left the session's
+        # weak identity map (the states are held here, their objects are not).
+        self.attach(session, [state for state in self.states if state.obj() is not None])
 
     def forget(self) -> None:
         """The scope ended with the rows never looked at: detached, as the close would leave them."""
