@@ -258,6 +258,7 @@ class SQLAlchemyBinding:
         "_removed",
         "_attach",
         "_deferring",
+        "_wait",
         "_users_in_tree",
         "__weakref__",
     )
@@ -297,6 +298,7 @@ class SQLAlchemyBinding:
         # Flask-SQLAlchemy's db.session: a hit's rows may wait for the request to create
         # it (deferred_attach); set with _attach, once the private seams passed.
         self._deferring: DeferringRegistry | None = None
+        self._wait = True  # bind_sqlalchemy(wait_for_session=...)
         self._removed = False
         self._listeners = (
             ("after_begin", self._after_begin),
@@ -423,7 +425,7 @@ class SQLAlchemyBinding:
                 problem,
             )
         self._attach = attach
-        if attach is not None and self._current is self._target:  # hits go to db.session itself
+        if attach is not None and self._wait and self._current is self._target:  # hits go to db.session itself
             self._deferring = deferring_registry(self._target)
         return attach
 
@@ -802,6 +804,7 @@ def bind_sqlalchemy(
     related: Sequence[type] = (),
     user_id: str | Callable[[Any], Hashable] | None = None,
     current_session: Callable[[], Session | None] | None = None,
+    wait_for_session: bool = True,
 ) -> SQLAlchemyBinding:
     """Make ``user_cache`` store SQLAlchemy users safely and invalidate them on commit.
 
@@ -836,7 +839,15 @@ def bind_sqlalchemy(
     (setting it loads the value it replaces); with a callable it is computed from the
     committed column values, and when one of them was overwritten without ever being
     loaded the commit invalidates everyone instead.
+
+    With Flask-SQLAlchemy's ``db.session``, a hit in an app context that has no
+    session yet does not create one: its rows wait until the request creates it or
+    asks a row for its session (:mod:`identity_middleware.deferred_attach`, which
+    also lists what the app can still tell apart). ``wait_for_session=False``
+    attaches every hit at once instead.
     """
+    if not isinstance(wait_for_session, bool):
+        raise ConfigError("wait_for_session", wait_for_session, "True or False")
     target, current = _resolve_session(session, current_session)
     mapper = _mapper_of(user_model, "user_model")
     if user_id is None and len(mapper.primary_key) != 1:
@@ -861,6 +872,7 @@ def bind_sqlalchemy(
     binding = SQLAlchemyBinding(
         user_cache, target, current, user_model, tree, relationships, related, watched, user_id
     )
+    binding._wait = wait_for_session
     binding._install()
     return binding
 

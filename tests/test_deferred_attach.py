@@ -84,7 +84,7 @@ def _undo_bindings_and_listeners():
         _undo.pop()()
 
 
-def build(tmp_path: Any, variant: str, observe: Any) -> tuple[Flask, dict[str, Any]]:
+def build(tmp_path: Any, variant: str, observe: Any, **bind: Any) -> tuple[Flask, dict[str, Any]]:
     db, User, Role, Post = MODELS[variant]
     app = Flask(f"deferred_{variant}")
     app.config.update(SECRET_KEY="s", SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / variant}.db")
@@ -108,7 +108,7 @@ def build(tmp_path: Any, variant: str, observe: Any) -> tuple[Flask, dict[str, A
 
     if variant == "ours":
         cache = UserCache(app, ttl=3600)
-        binding = bind_sqlalchemy(cache, db.session, User, relationships=("roles",), related=(Role,))
+        binding = bind_sqlalchemy(cache, db.session, User, relationships=("roles",), related=(Role,), **bind)
         _undo.append(binding.remove)
         manager.user_loader(cache.cached(load))
         app.wsgi_app = IdentityMiddleware(app.wsgi_app)  # type: ignore[method-assign]
@@ -371,3 +371,15 @@ def test_rows_of_a_custom_state_class_attach_at_once(tmp_path):
     manager._state_constructor = AppState
     _undo.append(lambda: vars(manager).pop("_state_constructor", None))
     assert client.get("/observe").get_data(as_text=True) == "('AppState', ('alice', True))"
+
+
+def test_wait_for_session_false_attaches_every_hit_at_once(tmp_path):
+    app, context = build(tmp_path, "ours", _has_session, wait_for_session=False)
+    client = logged_in(app)
+    assert [client.get("/observe").get_data(as_text=True) for _ in range(2)] == ["('alice', True)"] * 2
+
+
+def test_wait_for_session_must_be_a_bool():
+    db, User, Role, _ = MODELS["ours"]
+    with pytest.raises(ValueError, match=r"wait_for_session.*'no'"):
+        bind_sqlalchemy(UserCache(), db.session, User, wait_for_session="no")  # type: ignore[arg-type]
