@@ -28,10 +28,15 @@ than the binding's own, which have nothing to do for a session that never
 began). Otherwise, and for any session that is not Flask-SQLAlchemy's
 app-context-scoped ``db.session``, hits attach at once as before.
 
-What stays different, and no app is known to look at: ``db.session.registry.has()``
-is false until the session exists, ``scoped_session.configure()`` does not warn
-about a session that does not exist yet, and a waiting row's state is an
-instance of a subclass of ``InstanceState`` (``isinstance`` holds).
+What stays different while rows wait (each has a strict-xfail differential test
+in tests/test_deferred_attach_attacks.py; ``bind_sqlalchemy(wait_for_session=False)``
+turns waiting off): ``db.session.registry.has()`` is false;
+``db.session.configure()`` also changes the request's session, without a warning;
+a direct ``registry.set()`` raises as ``db.session(**kw)`` does, and a direct
+``registry.clear()`` leaves the rows detached; ``close_all_sessions()`` does not
+reach them; a session listener added mid-request hears their attach when it
+happens and not their close; a waiting row's state is an instance of a subclass
+of ``InstanceState``.
 
 The seams (``InstanceState``'s layout, ``ScopedRegistry``'s ``createfunc``, the
 class-level listener registry) are checked when a binding is made
