@@ -156,14 +156,20 @@ class Deferred:
 class DeferringRegistry(ScopedRegistry):  # type: ignore[type-arg]
     """``db.session``'s registry, over the same sessions, that attaches waiting rows on creation."""
 
-    __slots__ = ("pending", "create", "_listeners")
+    __slots__ = ("pending", "create", "_listeners", "_ignore")
 
-    def __init__(self, original: ScopedRegistry) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        original: ScopedRegistry,  # type: ignore[type-arg]
+        listeners: tuple[Any, ...],
+        ignore: Callable[..., Any],
+    ) -> None:
         super().__init__(self._create, original.scopefunc)
         self.registry = original.registry  # the same sessions, one dict
         self.create: Any = original.createfunc  # a sessionmaker (deferring_registry checks)
         self.pending: dict[Any, Deferred] = {}
-        self._listeners: tuple[Any, ...] | None = None  # listeners_of(the session class), once found
+        self._listeners = listeners  # listeners_of(self.create)
+        self._ignore = ignore  # a listener function with nothing to do for a session that never began
 
     def _create(self) -> Any:
         session = self.create()
@@ -188,38 +194,33 @@ class DeferringRegistry(ScopedRegistry):  # type: ignore[type-arg]
                 deferred.forget()
         super().clear()
 
-    def can_defer(self) -> bool:
-        """Whether a hit's rows may wait in this scope: its session does not exist, no rows
-        wait in it yet (a second hit must meet the first one's rows in the identity map),
-        and no listener of the session class would see the attach happen later."""
+    def scope_to_wait_in(self) -> Any:
+        """The current scope's key if a hit's rows may wait in it, else None: its session
+        does not exist, no rows wait in it yet (a second hit must meet the first one's
+        rows in the identity map), and no listener of the session class would see the
+        attach happen later."""
         key = self.scopefunc()
-        if key in self.registry or key in self.pending:
-            return False
-        if self._listeners is None:  # () when not found: _quiet looks them up every time
-            self._listeners = listeners_of(self.create) or ()
-        return _quiet(self.create.class_, self._listeners)
+        if key in self.registry or key in self.pending or not _quiet(self._listeners, self._ignore):
+            return None
+        return key
 
-    def defer(self, states: Sequence[InstanceState], attach: Callable[..., None]) -> bool:
-        """Let a hit's rows (``can_defer()`` just held) wait for this scope's session; False
+    def defer(self, key: Any, states: Sequence[InstanceState], attach: Callable[..., None]) -> bool:
+        """Let a hit's rows wait for the session of scope ``key`` (``scope_to_wait_in()``); False
         if they cannot (a custom instrumentation's state class, which waiting would replace)."""
         for state in states:
             if type(state) is not InstanceState:
                 return False
-        key = self.scopefunc()
         self.pending[key] = Deferred(self, key, states, attach)
         return True
 
 
-def _quiet(cls: Any, listeners: tuple[Any, ...] | None = None) -> bool:
-    """Whether no listener but the bindings' own would see ``cls``'s sessions attach or close.
-
-    ``listeners``: what :func:`listeners_of` found for ``cls``, if anything.
-    """
-    for found in listeners or (getattr(cls.dispatch, name)._clslevel.get(cls) for name in EVENTS):
-        if found:
-            for fn in found:
-                if getattr(fn, "__func__", None) is not _ours():
-                    return False
+def _quiet(listeners: tuple[Any, ...], ignore: Callable[..., Any]) -> bool:
+    """Whether no listener in ``listeners`` (:func:`listeners_of`) but methods ``ignore``
+    would see the attach or the close."""
+    for found in listeners:
+        for fn in found:
+            if getattr(fn, "__func__", None) is not ignore:
+                return False
     return True
 
 
@@ -234,15 +235,12 @@ def listeners_of(factory: Any) -> tuple[Any, ...] | None:
     return None if any(deque is None for deque in found) else found
 
 
-def _ours() -> Any:
-    # The binding's after_transaction_end has nothing to do for a session that never began.
-    from .sqlalchemy import SQLAlchemyBinding
+def deferring_registry(session: Any, ignore: Callable[..., Any]) -> DeferringRegistry | None:
+    """The deferring registry of Flask-SQLAlchemy's ``db.session``, installed on first use; else None.
 
-    return SQLAlchemyBinding._after_transaction_end
-
-
-def deferring_registry(session: Any) -> DeferringRegistry | None:
-    """The deferring registry of Flask-SQLAlchemy's ``db.session``, installed on first use; else None."""
+    ``ignore``: the function of the bindings' own listener methods on EVENTS, which have
+    nothing to do for a session that never began.
+    """
     if not isinstance(session, scoped_session):
         return None
     registry = session.registry
@@ -256,7 +254,10 @@ def deferring_registry(session: Any) -> DeferringRegistry | None:
         return None
     if registry.scopefunc is not _app_ctx_id or seam_problem() is not None:
         return None
-    deferring = DeferringRegistry(registry)
+    listeners = listeners_of(registry.createfunc)
+    if listeners is None:
+        return None
+    deferring = DeferringRegistry(registry, listeners, ignore)
     session.registry = deferring
     return deferring
 
@@ -274,18 +275,18 @@ def seam_problem() -> str | None:
 def _check_seams() -> str | None:
     try:
         factory = sessionmaker()
-        cls, deques = factory.class_, listeners_of(factory)
+        deques = listeners_of(factory)
         if deques is None:
             return "the class-level listener registry is not where deferred_attach looks"
 
         def probe(*args: Any) -> None:
             return None
 
-        quiet = _quiet(cls, deques) and _quiet(cls)
+        quiet = _quiet(deques, _check_seams)
         event.listen(factory, "before_attach", probe)
-        heard = not _quiet(cls, deques) and not _quiet(cls)
+        heard = not _quiet(deques, _check_seams)
         event.remove(factory, "before_attach", probe)
-        if not quiet or not heard or not _quiet(cls, deques):
+        if not quiet or not heard or not _quiet(deques, _check_seams):
             return "class-level listeners are not seen where deferred_attach looks"
         if "__dict__" not in InstanceState.__slots__:
             return "InstanceState has no __dict__"

@@ -365,12 +365,13 @@ class SQLAlchemyBinding:
         if attach is _unchecked:
             attach = self._choose_attach()
         deferring = self._deferring
-        if deferring is not None and stored.distinct and deferring.can_defer():
+        scope = deferring.scope_to_wait_in() if deferring is not None and stored.distinct else None
+        if deferring is not None and scope is not None:
             # The common hit of an API request: its app context has no session yet. The
             # rows wait for it; the request creates it only if it looks (deferred_attach).
             waiting: list[InstanceState] = []
             user = self._build_new(stored, waiting)
-            if not deferring.defer(waiting, attach):  # type: ignore[arg-type]  # _attach_rows when deferring is set
+            if not deferring.defer(scope, waiting, attach):  # type: ignore[arg-type]  # _attach_rows when deferring is set
                 attach(deferring(), waiting)  # type: ignore[misc]  # the scope's new session
             _announce_loaded(waiting)
             return user
@@ -426,7 +427,8 @@ class SQLAlchemyBinding:
             )
         self._attach = attach
         if attach is not None and self._wait and self._current is self._target:  # hits go to db.session itself
-            self._deferring = deferring_registry(self._target)
+            # The binding's after_transaction_end has nothing to do for a session that never began.
+            self._deferring = deferring_registry(self._target, SQLAlchemyBinding._after_transaction_end)
         return attach
 
     # -- the store rule: only loads not older than their stamp -------------------------
