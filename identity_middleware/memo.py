@@ -5,9 +5,9 @@ and Flask-Login's session-identifier memo
 (:mod:`identity_middleware.login_identifier`) sit on every request and are
 keyed by what a client sends (a path, a User-Agent); what
 :func:`identity_middleware.identity_memo.memoize_identity` learns is keyed per
-identity, so per user. All need the same three things: a hit that costs one ``dict.get``, a bound in bytes rather than in
-entries (one huge key must not be cheap to store), and eviction that never
-disturbs a concurrent reader. :class:`BoundedMemo` is that store; subclasses
+identity, so per user. All need the same three things: a hit that costs one
+``dict.get``, a bound in bytes rather than in entries (one huge key must not be
+cheap to store), and eviction that never disturbs a concurrent reader. :class:`BoundedMemo` is that store; subclasses
 decide what a key is, what it is charged and when it is not stored at all.
 
 Why not ``cachetools.LRUCache(getsizeof=...)``: a hit there updates the recency
